@@ -1,0 +1,127 @@
+"""Build megatron-core's `GPTModel` for a Qwen2/Llama `ModelConfig` at any TP/PP.
+
+The layer spec is data: TransformerEngine's spec when TE is importable (GPU clusters),
+megatron's local spec otherwise (CPU, laptops, CI). The model does not know how it was
+launched; parallel sizes come from `parallel_state`, initialised by the caller.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from erpo_mega.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to instantiate (not what architecture): dtype, init, spec choice."""
+
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    init_method_std: float = 0.02
+    layer_spec: str = "auto"  # auto | local | te
+    seed: int = 1234
+    recompute: bool = False
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int = 1, multiple: int = 128) -> int:
+    """Vocabulary rows the Megatron embedding/output layer hold (all TP ranks together).
+
+    Megatron shards the vocabulary evenly over TP. Padding to a TP-independent multiple (128
+    divides evenly by every power-of-two TP up to 128) keeps the global embedding shape the
+    same at every TP, so checkpoints reshard between layouts without touching the vocabulary.
+    """
+    padded = ((vocab_size + multiple - 1) // multiple) * multiple
+    if padded % tp_size:
+        raise ValueError(f"padded vocabulary {padded} is not divisible by tensor-parallel size {tp_size}")
+    return padded
+
+
+def make_transformer_config(cfg: ModelConfig, opts: BuildOptions | None = None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    opts = opts or BuildOptions()
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=bool(cfg.qkv_bias),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=opts.init_method_std,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=False,
+        params_dtype=opts.params_dtype,
+        bf16=opts.bf16,
+        pipeline_dtype=opts.params_dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # Fusions need CUDA kernels; the unfused paths are the same math.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity="full" if opts.recompute else None,
+        recompute_method="uniform" if opts.recompute else None,
+        recompute_num_layers=1 if opts.recompute else None,
+    )
+
+
+def layer_spec_for(opts: BuildOptions):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    choice = opts.layer_spec
+    if choice == "auto":
+        choice = "te" if have_transformer_engine() and torch.cuda.is_available() else "local"
+    if choice == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    if choice == "local":
+        return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    raise ValueError(f"layer_spec must be auto|local|te, got {choice!r}")
+
+
+def build_gpt_model(cfg: ModelConfig, opts: BuildOptions | None = None, vp_stage: int | None = None):
+    """One pipeline stage of the policy as a megatron `GPTModel` (this rank's TP shard)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    opts = opts or BuildOptions()
+    tcfg = make_transformer_config(cfg, opts)
+    pre = ps.is_pipeline_first_stage(ignore_virtual=True)
+    post = ps.is_pipeline_last_stage(ignore_virtual=True)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec_for(opts),
+        vocab_size=padded_vocab_size(cfg.vocab_size, ps.get_tensor_model_parallel_world_size()),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+    )
+    if opts.bf16:
+        model = model.to(torch.bfloat16)
+    return model

@@ -1,0 +1,264 @@
+"""A pure-torch Qwen2/Llama decoder with HuggingFace parameter names and a KV cache.
+
+Why our own: the embedded rollout engine must run where SGLang cannot (CPU, CI) and must
+accept weight updates addressed by HuggingFace names, exactly as SGLang does. Keeping the
+module tree identical to `transformers` (`model.layers.{i}.self_attn.q_proj.weight`, ...)
+makes `state_dict()` names the wire names, so no mapping table is needed here.
+
+Batching: prompts are left-padded into one [B, S] block. A `KVCache` keeps one slot per
+time step shared by the batch, plus a per-sequence validity mask; padding slots are never
+attended to and positions count only valid tokens, so a padded sequence computes the same
+values as it would alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erpo_mega.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, S, head_dim] for integer positions [B, S] (HF 'default' rope)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, S, D]; cos/sin: [B, S, D]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [B, Hkv, capacity, D] each, slot-aligned."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (batch, cfg.num_key_value_heads, capacity, cfg.kv_channels)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0  # slots used so far (shared by the batch)
+        self.capacity = capacity
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    def seen_tokens(self) -> torch.Tensor:
+        """Valid tokens cached per sequence: the position of the next token."""
+        return self.valid[:, : self.length].sum(dim=1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (e.g. drop finished sequences from a decoding batch)."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h, kv = cfg.kv_channels, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.num_heads, self.num_kv = d, h, kv
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bool(cfg.qkv_bias))
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bool(cfg.qkv_bias))
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bool(cfg.qkv_bias))
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + s] = k
+            cache.v[layer][:, :, start:start + s] = v
+            k = cache.k[layer][:, :, : start + s]
+            v = cache.v[layer][:, :, : start + s]
+        groups = self.num_heads // self.num_kv
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, layer, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TorchLLM(nn.Module):
+    """Causal LM; `forward` returns logits [B, S, V] (fp32) and fills `cache` if given."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, S]; attention_mask [B, S] bool marks real (non-pad) tokens.
+
+        Positions count real tokens only (cache-aware), so left padding changes nothing.
+        """
+        b, s = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(b, s, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.bool()
+        past = cache.length if cache is not None else 0
+        offset = cache.seen_tokens() if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
+        positions = (offset[:, None] + attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if cache is not None:
+            if past + s > cache.capacity:
+                raise ValueError(f"KV cache overflow: {past + s} slots needed, capacity {cache.capacity}")
+            cache.valid[:, past:past + s] = attention_mask
+            key_valid = cache.valid[:, : past + s]
+        else:
+            key_valid = attention_mask
+        q_slot = torch.arange(past, past + s, device=device)
+        k_slot = torch.arange(past + s, device=device)
+        causal = k_slot[None, :] <= q_slot[:, None]                       # [S, T]
+        mask = causal[None] & key_valid[:, None, :]                        # [B, S, T]
+        mask = mask | (k_slot[None, None, :] == q_slot[None, :, None])     # pad queries see themselves
+        cos, sin = rope_cos_sin(positions, self.config.kv_channels, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, i, cache)
+        if cache is not None:
+            cache.length = past + s
+        return self.lm_head(self.model.norm(x)).float()
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, capacity, p.dtype, p.device)
+
+    # --- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Copy HF-named tensors into the parameters in place; returns the names loaded.
+
+        Unknown names and shape mismatches raise `KeyError`/`ValueError` naming the tensor;
+        they are checked before anything is written only per tensor, so callers should
+        validate a whole update first when atomicity matters (see `check_named_shapes`).
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = []
+        for name, tensor in named_tensors:
+            target = params.get(name)
+            if target is None:
+                raise KeyError(f"unknown parameter name {name!r} for {self.config.arch} model")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {name!r}: model {tuple(target.shape)}, "
+                                 f"got {tuple(tensor.shape)}")
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            loaded.append(name)
+        return loaded
+
+    def check_named_shapes(self, shapes: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for name, shape in shapes:
+            if name not in params:
+                raise KeyError(f"unknown parameter name {name!r} for {self.config.arch} model")
+            if tuple(params[name].shape) != tuple(shape):
+                raise ValueError(f"shape mismatch for {name!r}: model {tuple(params[name].shape)}, "
+                                 f"got {tuple(shape)}")
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> TorchLLM:
+        cfg = ModelConfig.from_hf_dir(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu").to(dtype)
+        if cfg.tie_word_embeddings:  # to_empty re-materialises; re-tie
+            model.lm_head.weight = model.model.embed_tokens.weight
+        names = set(dict(model.named_parameters(remove_duplicate=False)))
+        loaded = set(model.load_named_tensors(iter_hf_safetensors(path)))
+        missing = names - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        if missing:
+            raise KeyError(f"checkpoint {path} lacks parameters: {sorted(missing)[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}")
+        return model.eval()
+
+
+def iter_hf_safetensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from an HF dir: `model.safetensors` or an indexed sharded set."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: invalid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
