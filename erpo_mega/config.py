@@ -174,8 +174,13 @@ def from_dict(cls: type[T], data: dict | None, source: str | None = None, prefix
     try:
         obj = cls(**kwargs)
     except ConfigError as e:
-        if e.source is None and source is not None:
-            raise ConfigError(e.key, str(e).split(": ", 1)[-1], source) from None
+        # A section's own cross-field check knows only its local key: qualify it with the
+        # section path and the file, so nested errors read like every other one.
+        key = e.key
+        if prefix and not key.startswith(prefix + "."):
+            key = f"{prefix}.{key}"
+        if key != e.key or (e.source is None and source is not None):
+            raise ConfigError(key, str(e).split(": ", 1)[-1], e.source or source) from None
         raise
     return obj
 
