@@ -85,8 +85,12 @@ class ModelConfig:
             raise ConfigError("rope_scaling", f"rope type {rope_type!r} is not supported yet", source)
         if model_type == "qwen2":
             qkv_bias = True
+        elif hf.get("attention_bias"):
+            # HF's Llama attention_bias also biases o_proj, which megatron's linear_proj lacks here.
+            raise ConfigError("attention_bias", "Llama checkpoints with attention biases (q/k/v/o) are not "
+                              "supported", source)
         else:
-            qkv_bias = bool(hf.get("attention_bias", False))
+            qkv_bias = False
         if hf.get("mlp_bias"):
             raise ConfigError("mlp_bias", "MLP biases are not supported", source)
         data = dict(

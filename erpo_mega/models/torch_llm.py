@@ -91,7 +91,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bool(cfg.qkv_bias))
         self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bool(cfg.qkv_bias))
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bool(cfg.qkv_bias))
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        # Llama's `attention_bias` also covers o_proj; Qwen2 biases only q/k/v.
+        o_bias = bool(cfg.qkv_bias) and cfg.arch == "llama"
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=o_bias)
 
     def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None):
         b, s, _ = x.shape

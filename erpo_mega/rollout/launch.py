@@ -1,0 +1,163 @@
+"""Start rollout servers as subprocesses: the embedded engine, real SGLang, or sglang-router.
+
+Each launcher returns a `ServerHandle` that waits for `/health`, exposes a ready
+`SGLangClient`, and stops its process (SIGTERM, then SIGKILL) on `close()` or `with` exit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from erpo_mega.rollout.client import EngineError, SGLangClient
+
+
+@dataclass
+class ServerHandle:
+    url: str
+    process: subprocess.Popen
+    command: list[str]
+    log_path: Path | None = None
+    _log_file: object = field(default=None, repr=False)
+
+    def client(self, **kw) -> SGLangClient:
+        return SGLangClient(self.url, **kw)
+
+    def wait_healthy(self, timeout: float = 120.0) -> ServerHandle:
+        c = SGLangClient(self.url, max_retries=0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EngineError(self.url, f"server exited with code {self.process.returncode} before "
+                                  f"becoming healthy; command: {' '.join(self.command)}; "
+                                  f"log: {self._tail()}")
+            if c.health(timeout=2.0):
+                return self
+            time.sleep(0.1)
+        self.close()
+        raise EngineError(self.url, f"not healthy after {timeout:.0f}s; log: {self._tail()}")
+
+    def _tail(self, n: int = 2000) -> str:
+        if self.log_path and self.log_path.is_file():
+            return self.log_path.read_text(errors="replace")[-n:]
+        return "(no log file)"
+
+    def close(self, grace_s: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _spawn(cmd: list[str], url: str, log_path: str | Path | None, env: dict | None) -> ServerHandle:
+    log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (owned by handle)
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    return ServerHandle(url, proc, cmd, Path(log_path) if log_path else None,
+                        log_file if log_path else None)
+
+
+def embedded_server_command(model_path: str | Path, host: str = "127.0.0.1", port: int = 30000,
+                            dtype: str = "auto", enable_memory_saver: bool = False, random_seed: int = 0,
+                            num_threads: int | None = None, log_level: str = "warning",
+                            tokenizer_path: str | Path | None = None, extra_args: Sequence[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "erpo_mega.rollout.serve", "--model-path", str(model_path),
+           "--host", host, "--port", str(port), "--dtype", dtype, "--random-seed", str(random_seed),
+           "--log-level", log_level]
+    if enable_memory_saver:
+        cmd.append("--enable-memory-saver")
+    if num_threads:
+        cmd += ["--num-threads", str(num_threads)]
+    if tokenizer_path:
+        cmd += ["--tokenizer-path", str(tokenizer_path)]
+    return cmd + list(extra_args)
+
+
+def launch_embedded_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 30000, *,
+                           wait: bool = True, timeout: float = 120.0, log_path: str | Path | None = None,
+                           env: dict | None = None, **kw) -> ServerHandle:
+    """`python -m erpo_mega.rollout.serve ...` in a subprocess; waits for /health by default."""
+    cmd = embedded_server_command(model_path, host, port, **kw)
+    handle = _spawn(cmd, f"http://{host}:{port}", log_path, env)
+    return handle.wait_healthy(timeout) if wait else handle
+
+
+def sglang_server_command(model_path: str | Path, host: str = "127.0.0.1", port: int = 30000, tp: int = 1,
+                          enable_memory_saver: bool = False, dtype: str | None = None,
+                          mem_fraction_static: float | None = None, random_seed: int | None = None,
+                          skip_tokenizer_init: bool = False, log_level: str | None = None,
+                          extra_args: Sequence[str] = ()) -> list[str]:
+    """The real `python -m sglang.launch_server` command line for GPU nodes."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--tp", str(tp),
+           "--host", host, "--port", str(port)]
+    if enable_memory_saver:
+        cmd.append("--enable-memory-saver")
+    if dtype:
+        cmd += ["--dtype", dtype]
+    if mem_fraction_static is not None:
+        cmd += ["--mem-fraction-static", str(mem_fraction_static)]
+    if random_seed is not None:
+        cmd += ["--random-seed", str(random_seed)]
+    if skip_tokenizer_init:
+        cmd.append("--skip-tokenizer-init")
+    if log_level:
+        cmd += ["--log-level", log_level]
+    return cmd + list(extra_args)
+
+
+def launch_sglang_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 30000, *,
+                         wait: bool = True, timeout: float = 600.0, log_path: str | Path | None = None,
+                         env: dict | None = None, **kw) -> ServerHandle:
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        raise RuntimeError("sglang is not installed (pip install 'erpo-mega[sglang]' on a GPU node); "
+                           "use launch_embedded_server on CPU") from None
+    cmd = sglang_server_command(model_path, host, port, **kw)
+    handle = _spawn(cmd, f"http://{host}:{port}", log_path, env)
+    return handle.wait_healthy(timeout) if wait else handle
+
+
+def router_command(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1",
+                   policy: str = "round_robin", extra_args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+            "--worker-urls", *worker_urls, "--policy", policy, *extra_args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch_router(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1", *,
+                  policy: str = "round_robin", wait: bool = True, timeout: float = 60.0,
+                  log_path: str | Path | None = None, prometheus_port: int | None = None,
+                  extra_args: Sequence[str] = ()) -> ServerHandle:
+    """sglang-router in front of running workers (their /health must already answer).
+
+    The router also serves Prometheus metrics, on port 29000 unless told otherwise; a free
+    port is chosen here so two routers (or a stale one) on a host do not collide.
+    """
+    metrics = ["--prometheus-host", host, "--prometheus-port", str(prometheus_port or free_port(host))]
+    cmd = router_command(worker_urls, port, host, policy, [*metrics, *extra_args])
+    handle = _spawn(cmd, f"http://{host}:{port}", log_path, None)
+    return handle.wait_healthy(timeout) if wait else handle

@@ -1,0 +1,75 @@
+"""`python -m erpo_mega.rollout.serve`: the embedded engine, with `sglang.launch_server`'s main flags.
+
+The same command line (model path, host, port, tp, dtype, memory saver, seed) starts either
+server, so launch scripts only swap the module name between CPU CI and GPU nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+import torch
+
+from erpo_mega.rollout.engine import Engine, EngineHTTPServer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="erpo_mega.rollout.serve",
+                                description="Embedded rollout engine speaking SGLang's HTTP protocol")
+    p.add_argument("--model-path", required=True, help="HuggingFace model directory (config.json + safetensors)")
+    p.add_argument("--tokenizer-path", default=None, help="tokenizer dir (default: --model-path)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="tensor parallel size (1 only)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--enable-memory-saver", action="store_true")
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--skip-tokenizer-init", action="store_true")
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.tp != 1:
+        print(f"error: --tp {args.tp}: the embedded engine runs one rank; use sglang for TP > 1",
+              file=sys.stderr)
+        return 2
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    engine = Engine(args.model_path, dtype=args.dtype, random_seed=args.random_seed,
+                    max_batch_size=args.max_running_requests, skip_tokenizer_init=args.skip_tokenizer_init,
+                    enable_memory_saver=args.enable_memory_saver, tokenizer_path=args.tokenizer_path)
+    server = EngineHTTPServer(engine, args.host, args.port)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    logging.getLogger("erpo_mega.engine").info("listening on http://%s:%d", args.host, server.server_port)
+    try:
+        engine.load()
+    except Exception as e:
+        logging.getLogger("erpo_mega.engine").error("failed to load %s: %s", args.model_path, e)
+        server.shutdown()
+        return 1
+    stop.wait()
+    engine.shutdown()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

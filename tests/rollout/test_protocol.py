@@ -1,0 +1,126 @@
+"""Protocol validation, the flattened-bucket layout and the sampling rules (no server)."""
+
+import math
+
+import pytest
+import torch
+
+from erpo_mega.rollout.engine.sampling import choose_token, truncated_probs
+from erpo_mega.rollout.protocol import (
+    GenerateOutput,
+    GenerateReqInput,
+    ProtocolError,
+    UpdateWeightsFromDistributedReqInput,
+    parse,
+    parse_sampling_params,
+)
+from erpo_mega.rollout.tensor_wire import (
+    bucket_layout,
+    deserialize_named_tensors,
+    flatten_bucket,
+    serialize_named_tensors,
+    unflatten_bucket,
+)
+from erpo_mega.weights.transport import iter_buckets
+
+
+def test_unknown_sampling_key_is_rejected_by_name():
+    with pytest.raises(ProtocolError, match="'seed'.*sampling_seed"):
+        parse_sampling_params({"seed": 3})
+
+
+def test_null_sampling_values_mean_defaults_and_greedy_rule():
+    sp = parse_sampling_params({"temperature": None, "top_k": None, "stop": "x"})
+    assert sp.temperature == 1.0 and sp.top_k == -1 and sp.stop == ["x"] and not sp.greedy
+    assert parse_sampling_params({"temperature": 0}).greedy
+    assert parse_sampling_params({"top_k": 1}).greedy
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
+    ({"min_p": 1.5}, "min_p"), ({"max_new_tokens": 2, "min_new_tokens": 3}, "min_new_tokens"),
+    ({"logit_bias": {"999": 1.0}}, "logit_bias"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_verify_names_the_bad_parameter(params, field):
+    with pytest.raises(ProtocolError, match=f"sampling_params.{field}"):
+        parse_sampling_params(params).verify(vocab_size=100)
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ProtocolError, match="max_new_tokens"):
+        parse_sampling_params({"max_new_tokens": "ten"})
+
+
+def test_generate_request_shapes():
+    with pytest.raises(ProtocolError, match="exactly one of 'text' or 'input_ids'"):
+        parse(GenerateReqInput, {}, "generate")
+    req = parse(GenerateReqInput, {"input_ids": [[1, 2], [3]], "return_logprob": [True, False],
+                                   "unknown_top_level": 1}, "generate")
+    assert req.is_batch and req.batch_size == 2
+    assert req.per_item("return_logprob", 1, None) is False
+    single = parse(GenerateReqInput, {"input_ids": [1, 2, 3]}, "generate")
+    assert not single.is_batch and single.batch_size == 1
+    with pytest.raises(ProtocolError, match="names .* dtypes .* shapes"):
+        parse(UpdateWeightsFromDistributedReqInput, {"names": ["a"], "dtypes": [], "shapes": [[1]]}, "x")
+
+
+def test_generate_output_from_sglang_json():
+    item = {"text": "", "output_ids": [4, 5],
+            "meta_info": {"finish_reason": {"type": "stop", "matched": 5}, "weight_version": "7",
+                          "output_token_logprobs": [[-0.5, 4, None], [-1.25, 5, None]]}}
+    out = GenerateOutput.from_json(item)
+    assert out.output_ids == [4, 5] and out.output_token_logprobs == [-0.5, -1.25]
+    assert out.finish_type == "stop" and out.weight_version == "7"
+
+
+def test_bucket_layout_aligns_offsets_to_element_size():
+    metas, total = bucket_layout(["a", "b", "c"], [torch.uint8, torch.float32, torch.bfloat16],
+                                 [[3], [2, 2], [1]])
+    # a: bytes 0-3; b must start at a multiple of 4 -> 4..20; c (2-byte) 20..22
+    assert [(m.start_idx, m.end_idx) for m in metas] == [(0, 3), (4, 20), (20, 22)]
+    assert total == 22
+
+
+def test_flatten_roundtrip_mixed_dtypes_through_forking_pickler():
+    named = [("w", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("i", torch.arange(3))]
+    flat, metas = flatten_bucket(named)
+    payload = serialize_named_tensors({"flattened_tensor": flat, "metadata": metas})
+    back = deserialize_named_tensors(payload)
+    for (n1, t1), (n2, t2) in zip(named, unflatten_bucket(back["flattened_tensor"], back["metadata"])):
+        assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2)
+
+
+def test_iter_buckets_groups_by_bytes():
+    ts = [(str(i), torch.zeros(n, dtype=torch.float32)) for i, n in enumerate([10, 10, 30, 5, 5])]
+    sizes = [[name for name, _ in b] for b in iter_buckets(ts, bucket_bytes=80)]
+    assert sizes == [["0", "1"], ["2"], ["3", "4"]]  # 80 B = 20 floats; the 30-float tensor travels alone
+
+
+def test_truncation_matches_hand_computed_example():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    # top_p=0.7 keeps {0.5, 0.2} (0.5 < 0.7, 0.7 reached with 0.2) -> renormalised 5/7, 2/7
+    p = truncated_probs(logits, parse_sampling_params({"top_p": 0.7}))
+    torch.testing.assert_close(p, torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    # top_k=3 -> 0.5, 0.2, 0.15 over 0.85
+    p = truncated_probs(logits, parse_sampling_params({"top_k": 3}))
+    torch.testing.assert_close(p, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    # min_p=0.3 keeps p >= 0.15 -> same set as top_k=3
+    p = truncated_probs(logits, parse_sampling_params({"min_p": 0.3}))
+    torch.testing.assert_close(p, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    # temperature 2: p_i ∝ sqrt(p_i)
+    p = truncated_probs(logits, parse_sampling_params({"temperature": 2.0}))
+    s = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).sqrt()
+    torch.testing.assert_close(p, s / s.sum())
+
+
+def test_choose_token_logprob_is_temperature_scaled_and_untruncated():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    sp = parse_sampling_params({"temperature": 2.0, "top_k": 2})
+    g = torch.Generator().manual_seed(0)
+    tok, lp = choose_token(logits, sp, [], [], g)
+    assert tok in (0, 1)
+    s = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).sqrt()
+    assert math.isclose(lp, math.log(s[tok] / s.sum()), rel_tol=1e-5)
+    tok, lp = choose_token(logits, parse_sampling_params({"temperature": 0}), [], [0], g)
+    assert tok == 1 and math.isclose(lp, float("-inf")) is False  # banned argmax moves to the next token
+    assert math.isclose(lp, math.log(0.2 / 0.5), rel_tol=1e-5)   # log_softmax after the ban: 0.2 / (1 - 0.5)
