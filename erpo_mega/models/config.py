@@ -85,12 +85,10 @@ class ModelConfig:
             raise ConfigError("rope_scaling", f"rope type {rope_type!r} is not supported yet", source)
         if model_type == "qwen2":
             qkv_bias = True
-        elif hf.get("attention_bias"):
-            # HF's Llama attention_bias also biases o_proj, which megatron's linear_proj lacks here.
-            raise ConfigError("attention_bias", "Llama checkpoints with attention biases (q/k/v/o) are not "
-                              "supported", source)
         else:
-            qkv_bias = False
+            # Llama's attention_bias covers q/k/v and o_proj: the embedded engine serves it, the
+            # Megatron side refuses it (hf_tables), since linear_proj has no bias there.
+            qkv_bias = bool(hf.get("attention_bias", False))
         if hf.get("mlp_bias"):
             raise ConfigError("mlp_bias", "MLP biases are not supported", source)
         data = dict(
