@@ -1,0 +1,84 @@
+"""`PolicyWorker`: the one object the trainer drives on every training rank.
+
+It owns the megatron policy (model stage, DDP, optimizer, LR schedule) and offers the RL
+step's operations in batch layout: log-probs/entropies for a `PolicyBatch`, one training
+step, save and load. Every method is collective over all training ranks; every rank passes
+the same full batch and gets the same full results back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from erpo_mega.algo.config import LossConfig
+from erpo_mega.megatron import checkpoint as ckpt
+from erpo_mega.megatron.batching import PolicyBatch
+from erpo_mega.megatron.config import OptimConfig, ParallelConfig
+from erpo_mega.megatron.logprob import compute_logprobs
+from erpo_mega.megatron.setup import PolicyModules, build_policy
+from erpo_mega.megatron.train_step import train_step
+from erpo_mega.models.config import ModelConfig
+
+
+class PolicyWorker:
+    def __init__(self) -> None:
+        self.modules: PolicyModules | None = None
+        self.model_cfg: ModelConfig | None = None
+        self.parallel: ParallelConfig | None = None
+        self.step = 0
+
+    # ------------------------------------------------------------------ lifecycle ---------------
+    def setup(self, model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig,
+              init_from: str | Path | None = None, bf16: bool | None = None,
+              init_distributed_groups: bool = True) -> PolicyWorker:
+        """Initialise process groups (unless the caller did), build the policy, and load
+        initial weights from a converted HF / training checkpoint directory if given."""
+        if init_distributed_groups:
+            from erpo_mega.parallel.dist import init_distributed
+
+            init_distributed(parallel.tp, parallel.pp, seed=parallel.seed)
+        self.model_cfg, self.parallel = model_cfg, parallel
+        self.modules = build_policy(model_cfg, parallel, optim, bf16=bf16)
+        self.step = 0
+        if init_from is not None:
+            ckpt.load_weights_only(init_from, self.modules.model_chunks)
+        return self
+
+    @property
+    def model_chunks(self) -> list:
+        return self._need().model_chunks
+
+    def _need(self) -> PolicyModules:
+        if self.modules is None:
+            raise RuntimeError("PolicyWorker.setup() has not been called")
+        return self.modules
+
+    # ------------------------------------------------------------------ RL operations -----------
+    def compute_logprobs(self, batch: PolicyBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies), fp32 [N, T], of the current weights; no gradients."""
+        m = self._need()
+        return compute_logprobs(m.model_chunks, batch, vocab_size=self.model_cfg.vocab_size,
+                                micro_batch_tokens=self.parallel.micro_batch_tokens, temperature=temperature,
+                                pad_multiple=self.parallel.pad_multiple)
+
+    def train_step(self, batch: PolicyBatch, loss_cfg: LossConfig, temperature: float = 1.0) -> dict[str, float]:
+        m = self._need()
+        metrics = train_step(m.model_chunks, m.optimizer, m.scheduler, batch, loss_cfg,
+                             vocab_size=self.model_cfg.vocab_size,
+                             micro_batch_tokens=self.parallel.micro_batch_tokens, temperature=temperature,
+                             pad_multiple=self.parallel.pad_multiple)
+        self.step += 1
+        metrics["step"] = float(self.step)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints -------------
+    def save(self, root: str | Path, extra: dict | None = None) -> Path:
+        return ckpt.save_checkpoint(root, self._need(), self.step, extra)
+
+    def load(self, path: str | Path, load_optimizer: bool = True) -> dict:
+        """Resume from a checkpoint root or iter directory (any TP/PP/DP); returns `extra`."""
+        state = ckpt.load_checkpoint(path, self._need(), load_optimizer=load_optimizer)
+        self.step = int(state["step"])
+        return state["extra"]
