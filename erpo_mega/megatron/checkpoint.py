@@ -234,10 +234,13 @@ def _build_state(modules, is_loading: bool, with_optimizer: bool, with_rng: bool
 # ---------------------------------------------------------------- save / load ------------------
 
 
-def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = None) -> Path:
+def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = None,
+                    write_extra_files=None) -> Path:
     """Save model, optimizer, RNG, scheduler, step and `extra` (JSON) as `root/iter_{step}`.
 
     Collective: every rank calls it. Returns the final checkpoint directory.
+    `write_extra_files(tmp_dir)` (rank 0) adds files before the directory is published, e.g.
+    the `erpo_meta.json` that makes a training checkpoint convertible to HF.
     """
     from megatron.core import dist_checkpointing
 
@@ -262,6 +265,8 @@ def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = N
         train_state = {"format": FORMAT_VERSION, "step": int(step), "layout": _layout(),
                        "scheduler": modules.scheduler.state_dict(), "extra": json.loads(extra_json)}
         _atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1))
+        if write_extra_files is not None:
+            write_extra_files(tmp)
         write_manifest(tmp)
         if final.exists():  # re-saving a step: keep the old one until the new one is in place
             old = root / (iter_dir_name(step) + ".old")

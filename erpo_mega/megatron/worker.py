@@ -8,11 +8,13 @@ the same full batch and gets the same full results back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from erpo_mega.algo.config import LossConfig
+from erpo_mega.algo.loss import policy_loss
 from erpo_mega.megatron import checkpoint as ckpt
 from erpo_mega.megatron.batching import PolicyBatch
 from erpo_mega.megatron.config import OptimConfig, ParallelConfig
@@ -63,9 +65,11 @@ class PolicyWorker:
                                 micro_batch_tokens=self.parallel.micro_batch_tokens, temperature=temperature,
                                 pad_multiple=self.parallel.pad_multiple)
 
-    def train_step(self, batch: PolicyBatch, loss_cfg: LossConfig, temperature: float = 1.0) -> dict[str, float]:
+    def train_step(self, batch: PolicyBatch, loss_cfg: LossConfig, temperature: float = 1.0,
+                   loss_fn: Callable = policy_loss) -> dict[str, float]:
+        """One optimizer step; `loss_fn` has the policy-loss signature (e.g. `sft_nll_loss`)."""
         m = self._need()
-        metrics = train_step(m.model_chunks, m.optimizer, m.scheduler, batch, loss_cfg,
+        metrics = train_step(m.model_chunks, m.optimizer, m.scheduler, batch, loss_cfg, loss_fn=loss_fn,
                              vocab_size=self.model_cfg.vocab_size,
                              micro_batch_tokens=self.parallel.micro_batch_tokens, temperature=temperature,
                              pad_multiple=self.parallel.pad_multiple)
@@ -75,7 +79,11 @@ class PolicyWorker:
 
     # ------------------------------------------------------------------ checkpoints -------------
     def save(self, root: str | Path, extra: dict | None = None) -> Path:
-        return ckpt.save_checkpoint(root, self._need(), self.step, extra)
+        from erpo_mega.models.convert import write_meta
+
+        cfg = self.model_cfg
+        return ckpt.save_checkpoint(root, self._need(), self.step, extra,
+                                    write_extra_files=lambda d: write_meta(d, cfg, "erpo-mega training", kind="train"))
 
     def load(self, path: str | Path, load_optimizer: bool = True) -> dict:
         """Resume from a checkpoint root or iter directory (any TP/PP/DP); returns `extra`."""

@@ -1,0 +1,1 @@
+"""Observability: metrics to JSONL and TensorBoard, timers, progress, plots."""

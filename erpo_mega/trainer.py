@@ -1,0 +1,493 @@
+"""The RL loop: prompts -> rollout -> rewards -> log-probs/entropy -> advantages -> update -> sync.
+
+The trainer is thin on purpose: each arrow is one call into a room (data, rollout,
+rewards, megatron, algo, weights, observe). Every training rank runs this file. Rank 0
+talks to the engines and broadcasts each rollout, so all ranks build the same batch and
+the Megatron collectives (TP/PP/DP) line up; advantages are computed on the whole batch on
+every rank before it is split, which makes them independent of the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from erpo_mega.algo.registry import get_advantage_estimator, get_policy_loss
+from erpo_mega.config import save_yaml, to_dict
+from erpo_mega.data.batcher import PromptBatcher
+from erpo_mega.data.builtin_task import ArithmeticTask
+from erpo_mega.data.datasets import load_prompts
+from erpo_mega.data.prompts import encode_prompts
+from erpo_mega.megatron.batching import PolicyBatch
+from erpo_mega.megatron.worker import PolicyWorker
+from erpo_mega.models.config import ModelConfig
+from erpo_mega.observe.metrics import MetricsWriter, PhaseTimer
+from erpo_mega.orchestration.engines import EnginePool
+from erpo_mega.orchestration.evaluate import evaluate
+from erpo_mega.orchestration.rollout_step import Rollout, generate_rollout
+from erpo_mega.orchestration.sft import sft_batch, sft_step
+from erpo_mega.rewards.registry import get_reward_fn
+from erpo_mega.run_config import RunConfig, load_run_config
+
+log = logging.getLogger("erpo_mega.trainer")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops; the last checkpoint is left as it was."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _broadcast(obj):
+    """Rank 0's python object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file())
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.run_dir = Path(cfg.run_dir)
+        self.rank = 0
+        self.worker: PolicyWorker | None = None
+        self.ref_worker: PolicyWorker | None = None
+        self.engines: EnginePool | None = None
+        self.metrics: MetricsWriter | None = None
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up ------------------
+    def _setup_common(self) -> None:
+        from erpo_mega.parallel.dist import init_distributed
+
+        cfg = self.cfg
+        par = cfg.train.parallel
+        init_distributed(par.tp, par.pp, seed=par.seed)
+        self.rank = _rank()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.run_dir / "config.yaml")
+        _barrier()
+        self.tokenizer = self._tokenizer()
+        self.model_cfg, self.init_dir = self._model_source()
+        self.task = ArithmeticTask(cfg.data.builtin, seed=cfg.data.seed) if cfg.data.source == "builtin" else None
+        reward = cfg.reward
+        if reward == "auto":
+            reward = "builtin" if cfg.data.source == "builtin" else "math_verify"
+        self.reward_fn = get_reward_fn(reward)
+        self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard) if self.rank == 0 else None
+
+    def _tokenizer(self):
+        from erpo_mega.data.tokenizer import build_char_tokenizer, load_tokenizer
+
+        spec = self.cfg.model.tokenizer
+        if spec != "builtin":
+            return load_tokenizer(spec)
+        tok_dir = self.run_dir / "tokenizer"
+        if self.rank == 0 and not (tok_dir / "tokenizer.json").is_file():
+            build_char_tokenizer(tok_dir)
+        _barrier()
+        return load_tokenizer(tok_dir)
+
+    def _model_source(self) -> tuple[ModelConfig, Path | None]:
+        """The architecture, and a Megatron-format dir to load initial weights from (None: fresh)."""
+        m = self.cfg.model
+        if m.init_from is None:
+            tok = self.tokenizer
+            arch = to_dict(m.arch)
+            arch.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+            arch.pop("head_dim", None) if m.arch.head_dim == m.arch.hidden_size // m.arch.num_attention_heads else None
+            return ModelConfig.from_dict(arch, source="model.arch"), None
+        src = Path(m.init_from)
+        if not src.exists():
+            raise FileNotFoundError(f"model.init_from: {src} does not exist")
+        if _is_hf_dir(src):
+            from erpo_mega.models import convert
+
+            out = self.run_dir / "init_mcore"
+            if self.rank == 0 and not (out / "erpo_meta.json").is_file():
+                convert.convert_hf_to_mcore(src, out, progress=False)
+            _barrier()
+            return ModelConfig.from_hf_dir(src), out
+        from erpo_mega.models.convert import read_meta
+
+        meta = read_meta(src)
+        return ModelConfig.from_dict(meta["model_config"], source=str(src / "erpo_meta.json")), src
+
+    def _new_worker(self, optim, init_from) -> PolicyWorker:
+        return PolicyWorker().setup(self.model_cfg, self.cfg.train.parallel, optim, init_from=init_from,
+                                    bf16=self.cfg.model.bf16, init_distributed_groups=False)
+
+    def _load_data(self):
+        cfg = self.cfg
+        if self.task is not None:
+            train_items = self.task.items("train", cfg.data.builtin_train_size)
+            eval_items = self.task.items(cfg.eval.split, min(cfg.eval.num_prompts, cfg.data.builtin_eval_size))
+        else:
+            train_items = load_prompts(cfg.data, cfg.data.split).items
+            eval_items = load_prompts(cfg.data, cfg.eval.split).items[: cfg.eval.num_prompts]
+        train = encode_prompts(train_items, self.tokenizer, cfg.data)
+        evals = encode_prompts(eval_items, self.tokenizer, cfg.data)
+        return train, evals
+
+    # ------------------------------------------------------------------ weights -> engines ------
+    def _export(self):
+        from erpo_mega.weights.export import iter_hf_weights
+
+        return iter_hf_weights(self.worker.model_chunks, self.model_cfg)
+
+    def _export_hf_dir(self, out: Path) -> Path:
+        """Write the current weights as a HuggingFace model dir (collective over training ranks)."""
+        from erpo_mega.weights.transport import save_hf_safetensors
+
+        named = self._export()
+        if self.rank == 0:
+            save_hf_safetensors(named, out)
+            (out / "config.json").write_text(json.dumps(self.model_cfg.to_hf_dict(), indent=1))
+            self.tokenizer.save_pretrained(out)
+        else:
+            for _ in named:
+                pass
+        _barrier()
+        return out
+
+    def _sync_weights(self, version: str) -> dict:
+        named = self._export()
+        if self.rank == 0:
+            report = self.engines.sync(named, version)
+            return {"sync_bytes": float(report.bytes), "sync_seconds": report.seconds}
+        for _ in named:
+            pass
+        return {}
+
+    # ------------------------------------------------------------------ phases -----------------
+    def run_sft(self) -> Path | None:
+        """Warm start; returns the checkpoint the RL policy starts from (None: nothing to do)."""
+        cfg = self.cfg
+        sft_root = self.run_dir / "sft"
+        if cfg.sft.steps == 0:
+            return None
+        if (sft_root / "latest").is_file():  # finished before (resume)
+            return sft_root
+        if self.task is None:
+            raise ValueError("sft.steps > 0 needs data.source=builtin (SFT on external data is not wired yet)")
+        worker = self._new_worker(cfg.sft.optim, self.init_dir)
+        progress = _Progress(cfg.sft.steps, "SFT", enabled=cfg.progress and self.rank == 0)
+        try:
+            for step in range(cfg.sft.steps):
+                batch = sft_batch(self.task, self.tokenizer, cfg.data, step, cfg.sft.batch_size, cfg.sft.noise,
+                                  cfg.sft.redundancy, cfg.seed)
+                t0 = time.perf_counter()
+                m = sft_step(worker, batch)
+                _check_finite(m, f"SFT step {step + 1}", None)
+                m["time/train"] = time.perf_counter() - t0
+                if self.metrics:
+                    self.metrics.log(step + 1, m, split="sft")
+                progress.update(step + 1, f"nll {m.get('nll', m.get('loss', float('nan'))):.3f}")
+        finally:
+            progress.close()
+        worker.save(sft_root, extra={"phase": "sft"})
+        del worker
+        return sft_root
+
+    def _rollout(self, step: int, batcher: PromptBatcher, train) -> Rollout:
+        cfg = self.cfg.rollout
+        pb = batcher.next_batch()
+        prompt_ids = [train.input_ids[i] for i in pb.indices]
+        return generate_rollout(self.engines.generate_client, pb, prompt_ids, self.tokenizer, self.reward_fn,
+                                run_seed=self.cfg.seed, step=step, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                concurrency=cfg.max_concurrency)
+
+    def _policy_batch(self, ro: dict) -> PolicyBatch:
+        width = max(len(r) for r in ro["response_ids"])
+        loss_mask = None
+        if self.cfg.rollout.drop_truncated and any(ro["truncated"]):
+            lens = torch.tensor([len(r) for r in ro["response_ids"]])
+            loss_mask = torch.arange(width)[None, :] < lens[:, None]
+            loss_mask &= ~torch.tensor(ro["truncated"])[:, None]
+        return PolicyBatch(prompt_ids=ro["prompt_ids"], response_ids=ro["response_ids"],
+                           rollout_logp=_pad(ro["rollout_logp"], width), loss_mask=loss_mask)
+
+    def rl_step(self, step: int, batcher: PromptBatcher, train) -> dict:
+        cfg = self.cfg
+        timer = PhaseTimer()
+        with timer.phase("rollout"):
+            ro = None
+            if self.rank == 0:
+                r = self._rollout(step, batcher, train)
+                ro = dict(prompt_ids=r.prompt_ids, response_ids=r.response_ids, rollout_logp=r.rollout_logp,
+                          rewards=r.rewards, group_ids=r.group_ids, truncated=r.truncated,
+                          weight_version=_version_number(r.weight_versions))
+            ro = _broadcast(ro)
+        batch = self._policy_batch(ro)
+        mask = batch.response_mask()
+        n_tokens = int(mask.sum())
+        with timer.phase("logprob"):
+            old_logp, entropy = self.worker.compute_logprobs(batch, temperature=cfg.rollout.temperature)
+            batch.old_logp = old_logp
+            if self.ref_worker is not None:
+                batch.ref_logp, _ = self.ref_worker.compute_logprobs(batch, temperature=cfg.rollout.temperature)
+        rewards = torch.tensor(ro["rewards"], dtype=torch.float32)
+        group_ids = torch.tensor(ro["group_ids"])
+        estimator = get_advantage_estimator(cfg.algo.advantage)
+        advantages, adv_stats = estimator(rewards, entropy, mask, group_ids, cfg.algo.erpo)
+        batch.advantages = advantages.float()
+        loss_fn = get_policy_loss(cfg.algo.policy_loss)
+        with timer.phase("train"):
+            train_metrics = self._update(batch, loss_fn)
+        _check_finite(train_metrics, f"RL step {step + 1}", self._last_checkpoint())
+        with timer.phase("sync"):
+            sync = self._sync_weights(str(step + 1))
+        lens = [len(r) for r in ro["response_ids"]]
+        out = {
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards >= 1.0).float().mean()),
+            "response_len_mean": sum(lens) / len(lens),
+            "truncated_fraction": sum(ro["truncated"]) / len(lens),
+            "rollout_weight_version": ro["weight_version"],
+            **{k: v for k, v in adv_stats.items() if isinstance(v, (int, float))},
+            **train_metrics,
+            **sync,
+            **timer.metrics({"rollout": n_tokens, "logprob": n_tokens, "train": n_tokens}),
+        }
+        out["clip_frac"] = out.get("clip_frac_low", 0.0) + out.get("clip_frac_high", 0.0)
+        return out
+
+    def _update(self, batch: PolicyBatch, loss_fn) -> dict:
+        """`updates_per_step` optimizer steps on disjoint mini-batches of whole samples."""
+        k = self.cfg.algo.updates_per_step
+        if k == 1:
+            return self.worker.train_step(batch, self.cfg.algo.loss, temperature=self.cfg.rollout.temperature,
+                                          loss_fn=loss_fn)
+        n = batch.num_samples
+        per = math.ceil(n / k)
+        merged: dict[str, float] = {}
+        for u in range(k):
+            idx = list(range(u * per, min(n, (u + 1) * per)))
+            if not idx:
+                break
+            sub = _select(batch, idx)
+            m = self.worker.train_step(sub, self.cfg.algo.loss, temperature=self.cfg.rollout.temperature,
+                                       loss_fn=loss_fn)
+            for key, v in m.items():
+                merged[key] = merged.get(key, 0.0) + v / k
+        return merged
+
+    def _last_checkpoint(self) -> str | None:
+        latest = self.run_dir / "checkpoints" / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def _save(self, batcher: PromptBatcher) -> None:
+        extra = {"step": self.step, "batcher": batcher.state_dict()}
+        self.worker.save(self.run_dir / "checkpoints", extra=extra)
+        if self.rank == 0:
+            _prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last)
+
+    def _eval(self, evals, step: int) -> dict | None:
+        if self.rank != 0:
+            return None
+        cfg = self.cfg
+        m = evaluate(self.engines.generate_client, evals.items, evals.input_ids, self.tokenizer, self.reward_fn,
+                     run_seed=cfg.seed, step=step, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                     temperature=cfg.eval.temperature, concurrency=cfg.rollout.max_concurrency)
+        self.metrics.log(step, m, split="eval")
+        return m
+
+    # ------------------------------------------------------------------ entry points -----------
+    def train(self, mode: str = "train") -> dict:
+        cfg = self.cfg
+        self._setup_common()
+        try:
+            train, evals = self._load_data()  # bad data fails here, before any model is built
+            start_dir = self.run_sft()
+            if mode == "sft":
+                return {"sft_checkpoint": str(start_dir) if start_dir else None}
+            init = start_dir or self.init_dir
+            self.worker = self._new_worker(cfg.train.optim, init)
+            if cfg.algo.loss.kl_coef > 0:
+                self.ref_worker = self._new_worker(cfg.train.optim, init)
+            batcher = PromptBatcher(train.items, cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt,
+                                    seed=cfg.seed)
+            ckpt_root = self.run_dir / "checkpoints"
+            if self.resume and (ckpt_root / "latest").is_file():
+                extra = self.worker.load(ckpt_root)
+                self.step = int(extra["step"])
+                batcher.load_state_dict(extra["batcher"])
+                if self.metrics:
+                    self.metrics.close()
+                    self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+            elif self.resume and self.rank == 0:
+                log.warning("--resume: no checkpoint under %s; starting from step 0", ckpt_root)
+            engine_dir = self._export_hf_dir(self.run_dir / "engine_init")
+            if self.rank == 0:
+                self.engines = EnginePool(cfg.rollout, self.run_dir, cfg.seed).start(engine_dir)
+                if self.step:  # resumed: the engines hold the checkpoint's weights
+                    for e in self.engines.engines:
+                        e.update_weight_version(str(self.step))
+            if self.step == 0 and mode == "train":
+                self._eval(evals, 0)
+            if mode == "eval":
+                return self._eval(evals, self.step) or {}
+            progress = _Progress(cfg.train.steps, "RL", enabled=cfg.progress and self.rank == 0, done=self.step)
+            last = {}
+            try:
+                while self.step < cfg.train.steps:
+                    m = self.rl_step(self.step, batcher, train)
+                    self.step += 1
+                    if self.metrics:
+                        self.metrics.log(self.step, m)
+                    last = m
+                    progress.update(self.step, f"reward {m['reward_mean']:.3f} len {m['response_len_mean']:.1f} "
+                                               f"H {m.get('entropy_mean', float('nan')):.3f}")
+                    if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                        self._eval(evals, self.step)
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                        self._save(batcher)
+            finally:
+                progress.close()
+            final = self._eval(evals, self.step)
+            if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                self._save(batcher)
+            self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
+            summary = {"step": self.step, "final_eval": final, "last_train": last}
+            if self.rank == 0:
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+            return summary
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.engines is not None:
+            self.engines.close()
+            self.engines = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+def _select(batch: PolicyBatch, idx: list[int]) -> PolicyBatch:
+    width = max(len(batch.response_ids[i]) for i in idx)
+
+    def rows(t):
+        return None if t is None else t[idx, :width]
+
+    return PolicyBatch(prompt_ids=[batch.prompt_ids[i] for i in idx],
+                       response_ids=[batch.response_ids[i] for i in idx],
+                       advantages=rows(batch.advantages), old_logp=rows(batch.old_logp),
+                       ref_logp=rows(batch.ref_logp), rollout_logp=rows(batch.rollout_logp),
+                       loss_mask=rows(batch.loss_mask))
+
+
+def _version_number(versions: list[str | None]) -> float:
+    """The engines' weight version behind a rollout (-1 if unknown or mixed)."""
+    uniq = set(versions)
+    if len(uniq) != 1:
+        return -1.0
+    try:
+        return float(next(iter(uniq)))
+    except (TypeError, ValueError):
+        return -1.0
+
+
+def _check_finite(metrics: dict, where: str, last_checkpoint: str | None) -> None:
+    bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        ck = f"; the last checkpoint ({last_checkpoint}) is intact" if last_checkpoint else \
+            "; no checkpoint had been written yet"
+        raise TrainingDiverged(f"{where}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}; "
+                               f"stopping before the broken weights are saved or synced{ck}")
+
+
+def _prune(root: Path, keep: int) -> None:
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in iters[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class _Progress:
+    """A rich progress bar on rank 0 (a plain line per step when not a terminal)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, done: int = 0):
+        self.bar = None
+        self.enabled = enabled
+        self.label = label
+        self.total = total
+        if enabled and os.isatty(1):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.description}"))
+            self.task = self.bar.add_task("", total=total, completed=done)
+            self.bar.start()
+
+    def update(self, done: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, description=text)
+        elif self.enabled:
+            print(f"[{self.label} {done}/{self.total}] {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def run_from_cli(config_path: str, overrides: list[str] | None, mode: str = "train", resume: bool = False,
+                 checkpoint: str | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("ERPO_LOG_LEVEL", "WARNING"))
+    from erpo_mega.config import ConfigError
+    from erpo_mega.data.types import DataError
+
+    try:
+        cfg = load_run_config(config_path, overrides)
+    except ConfigError as e:
+        print(f"erpo-mega: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    trainer = Trainer(cfg, resume=resume or mode == "eval")
+    try:
+        result = trainer.train(mode=mode)
+    except TrainingDiverged as e:
+        print(f"erpo-mega: training stopped: {e}", flush=True)
+        return 1
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"erpo-mega: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if _rank() == 0:
+        print(json.dumps(result, indent=1, default=float))
+    from erpo_mega.parallel.dist import destroy_distributed
+
+    destroy_distributed()
+    return 0
