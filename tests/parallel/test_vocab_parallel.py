@@ -1,0 +1,314 @@
+"""Vocab-parallel log-prob/entropy against a full-vocabulary float64 reference.
+
+Every rank builds the same full logits from a seed and feeds its vocabulary shard to
+`logprob_and_entropy`; the test process computes the reference independently with
+`torch.log_softmax` and `torch.distributions.Categorical` on the whole vocabulary and compares
+values and the gradient w.r.t. the logits (shard gradients concatenated over the group).
+Multi-rank checks share one spawn of 4 gloo ranks (TP=4, and two TP=2 groups side by side);
+TP=1 runs in this process without any group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from erpo_mega.parallel.spawn import run_distributed
+from erpo_mega.parallel.vocab_parallel import default_chunk_size, logprob_and_entropy
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lead: tuple[int, ...]  # leading (token) shape seen by the caller
+    vocab: int
+    dtype: torch.dtype = torch.float32
+    temperature: float = 1.0
+    chunk_size: int | None = None
+    entropy_grad: bool = False
+    masked: bool = False
+    loss: str = "both"  # which outputs the upstream loss uses: both | logp | entropy
+    seq_first: bool = False  # logits stored [S, B, V] (megatron's layout), passed as [B, S, V]
+    neg_inf: bool = False  # some vocabulary entries are -inf
+    seed: int = 0
+
+
+CASES = [
+    Case("fp32_default_chunk", (3, 37), 96),
+    Case("fp32_temp_mask_chunk16", (3, 37), 96, temperature=0.7, chunk_size=16, entropy_grad=True,
+         masked=True, seed=1),
+    Case("fp32_1d_chunk1", (50,), 96, temperature=1.3, chunk_size=1, entropy_grad=True, seed=2),
+    Case("fp32_entropy_only", (2, 21), 96, chunk_size=5, entropy_grad=True, loss="entropy", seed=3),
+    Case("fp32_logp_only_detached_entropy", (2, 21), 96, chunk_size=8, loss="logp", seed=4),
+    Case("fp32_seq_first_layout", (4, 9), 96, temperature=0.6, chunk_size=10, entropy_grad=True,
+         masked=True, seq_first=True, seed=5),
+    Case("fp32_neg_inf_entries", (2, 15), 96, chunk_size=7, entropy_grad=True, neg_inf=True, seed=6),
+    Case("bf16_large_vocab", (4, 25), 1024, dtype=torch.bfloat16, temperature=0.9, chunk_size=7,
+         entropy_grad=True, masked=True, seed=7),
+]
+
+
+def build_inputs(case: Case, data_seed: int = 0):
+    """Full-vocabulary inputs for a case, identical on every rank (pure function of the seed)."""
+    g = torch.Generator().manual_seed(1000 * case.seed + data_seed)
+    shape = (*case.lead, case.vocab)
+    # Per-token scales from near-uniform to very peaked, so the winning max sits on different ranks.
+    scale = torch.tensor([0.05, 1.0, 4.0, 40.0])[torch.randint(0, 4, case.lead, generator=g)]
+    logits = torch.randn(shape, generator=g) * scale[..., None] + torch.randn(shape[-1:], generator=g)
+    targets = torch.randint(0, case.vocab, case.lead, generator=g)
+    mask = torch.rand(case.lead, generator=g) > 0.3 if case.masked else None
+    if mask is not None:
+        targets = torch.where(mask, targets, IGNORE)
+    if case.neg_inf:
+        banned = torch.rand(shape, generator=g) < 0.3
+        banned[..., : case.vocab // 4] = True  # a whole shard at TP=4 for every token
+        banned.scatter_(-1, targets.clamp(min=0)[..., None], False)  # targets stay reachable
+        logits = logits.masked_fill(banned, float("-inf"))
+    logits = logits.to(case.dtype)
+    g_logp = torch.randn(case.lead, generator=g)
+    g_entropy = torch.randn(case.lead, generator=g)
+    return logits, targets, mask, g_logp, g_entropy
+
+
+def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 0) -> dict:
+    """This rank's part: outputs and the gradient of its logits shard."""
+    logits, targets, mask, g_logp, g_entropy = build_inputs(case, data_seed)
+    vs = case.vocab // world
+    shard = logits[..., rank * vs:(rank + 1) * vs]
+    if case.seq_first:
+        leaf = shard.transpose(0, 1).contiguous().requires_grad_()
+        shard_in = leaf.transpose(0, 1)
+    else:
+        leaf = shard.contiguous().requires_grad_()
+        shard_in = leaf
+    before = leaf.detach().clone()
+    logp, entropy = logprob_and_entropy(shard_in, targets, tp_group=tp_group, temperature=case.temperature,
+                                        chunk_size=case.chunk_size, entropy_grad=case.entropy_grad, mask=mask)
+    unchanged_after_forward = torch.equal(leaf.detach(), before)
+    loss = 0.0
+    if case.loss in ("both", "logp"):
+        loss = loss + (logp * g_logp).sum()
+    if case.loss in ("both", "entropy") and case.entropy_grad:
+        loss = loss + (entropy * g_entropy).sum()
+    loss.backward()
+    grad = leaf.grad.transpose(0, 1) if case.seq_first else leaf.grad
+    return {
+        "logp": logp.detach(), "entropy": entropy.detach(), "grad": grad.contiguous(),
+        "entropy_requires_grad": entropy.requires_grad, "logp_dtype": logp.dtype,
+        "unchanged": unchanged_after_forward and torch.equal(leaf.detach(), before),
+    }
+
+
+def reference(case: Case, data_seed: int = 0):
+    """Full-vocabulary float64 values and gradient, no sharding involved."""
+    logits, targets, mask, g_logp, g_entropy = build_inputs(case, data_seed)
+    # -inf -> -1e4 keeps every float64 probability (exp underflows to exactly 0) and lets the
+    # Categorical entropy backward stay finite (it is NaN at -inf).
+    z = logits.double().clamp(min=-1e4).requires_grad_()
+    x = z / case.temperature
+    active = torch.ones(case.lead, dtype=torch.bool) if mask is None else mask
+    logp = torch.log_softmax(x, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    entropy = torch.distributions.Categorical(logits=x).entropy()
+    logp = torch.where(active, logp, 0.0)
+    entropy = torch.where(active, entropy, 0.0)
+    loss = 0.0
+    if case.loss in ("both", "logp"):
+        loss = loss + (logp * g_logp.double()).sum()
+    if case.loss in ("both", "entropy") and case.entropy_grad:
+        loss = loss + (entropy * g_entropy.double()).sum()
+    (grad,) = torch.autograd.grad(loss, z)
+    return logp.detach(), entropy.detach(), grad
+
+
+def check_against_reference(case: Case, parts: list[dict], data_seed: int = 0, where: str = ""):
+    """Assert every rank's outputs equal the reference and the concatenated grads match it."""
+    ref_logp, ref_entropy, ref_grad = reference(case, data_seed)
+    label = f"{case.name}{where}"
+    for r, part in enumerate(parts):
+        assert part["unchanged"], f"{label}: rank {r} logits were modified"
+        assert part["entropy_requires_grad"] == case.entropy_grad, label
+        assert part["logp_dtype"] == torch.float32, label
+        for key, ref in (("logp", ref_logp), ("entropy", ref_entropy)):
+            where_ = f"{label} {key} rank {r}"
+            torch.testing.assert_close(part[key].double(), ref, rtol=1e-5, atol=2e-5,
+                                       msg=lambda m, w=where_: f"{w}: {m}")
+    grad = torch.cat([p["grad"] for p in parts], dim=-1)
+    assert grad.dtype == case.dtype, label
+    if case.dtype == torch.float32:
+        tol = {"rtol": 1e-5, "atol": 5e-6}
+    else:  # each grad element is rounded once to bf16 (8 bits of mantissa)
+        tol = {"rtol": 2**-7, "atol": 1e-6}
+    torch.testing.assert_close(grad.double(), ref_grad, **tol, msg=lambda m: f"{label} grad: {m}")
+
+
+def check_errors(rank: int, world: int, tp_group) -> list[str]:
+    """Bad input raises a ValueError naming the argument on every rank (no rank hangs)."""
+    vs = 8
+    logits = torch.randn(2, 3, vs)
+    ok_targets = torch.zeros(2, 3, dtype=torch.long)
+    bad = {
+        "target_ids": dict(target_ids=torch.full((2, 3), vs * world)),  # = V, one past the end
+        "target_ids ": dict(target_ids=torch.full((2, 3), IGNORE)),  # padding id without a mask
+        "target_ids  ": dict(target_ids=torch.zeros(2, 4, dtype=torch.long)),
+        "target_ids   ": dict(target_ids=torch.zeros(2, 3)),
+        "temperature": dict(temperature=0.0),
+        "mask": dict(mask=torch.ones(3, 2, dtype=torch.bool)),
+        "chunk_size": dict(chunk_size=0),
+    }
+    failures = []
+    for field, kwargs in bad.items():
+        args = {"target_ids": ok_targets, **kwargs}
+        try:
+            logprob_and_entropy(logits, tp_group=tp_group, **args)
+            failures.append(f"{field.strip()}: no error for {kwargs}")
+        except ValueError as e:
+            if field.strip() not in str(e):
+                failures.append(f"{field.strip()}: error does not name it: {e}")
+    return failures
+
+
+# ---------------------------------------------------------------- spawned workers
+
+
+def _worker_world4() -> dict:
+    """Every multi-rank configuration in one spawn of 4 ranks (importing megatron costs ~7 s a rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from erpo_mega.parallel.dist import destroy_distributed, init_distributed
+
+    init_distributed(tp=4)
+    rank = dist.get_rank()
+    out = {"rank": rank}
+    # megatron TP=4, found through parallel_state (tp_group=None).
+    out["tp4"] = {c.name: run_case(c, rank, 4) for c in CASES}
+    out["errors"] = check_errors(rank, 4, None)
+    # A plain ProcessGroup passed explicitly: the default (world) group.
+    out["tp4_world_group"] = {c.name: run_case(c, rank, 4, tp_group=dist.group.WORLD) for c in CASES[:2]}
+    # megatron TP=2 x DP=2: two TP groups run at once on different data; neither may see the other's.
+    init_distributed(tp=2)
+    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    out["tp2"] = {"g_rank": tp_rank, "data_seed": dp_rank,
+                  "cases": {c.name: run_case(c, tp_rank, 2, data_seed=dp_rank) for c in CASES}}
+    out["tp2_errors"] = check_errors(tp_rank, 2, None)
+    # Plain new_group()s over non-adjacent ranks, passed explicitly.
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    mine = groups[rank % 2]
+    g_rank = dist.get_rank(mine)
+    out["tp2_new_group"] = {"g_rank": g_rank, "data_seed": rank % 2,
+                            "cases": {c.name: run_case(c, g_rank, 2, tp_group=mine, data_seed=rank % 2)
+                                      for c in CASES[:4]}}
+    try:
+        logprob_and_entropy(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), tp_group=groups[(rank + 1) % 2])
+        out["non_member"] = "no error"
+    except ValueError as e:
+        out["non_member"] = str(e)
+    destroy_distributed()
+    return out
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_tp1_matches_full_vocab_reference(case):
+    check_against_reference(case, [run_case(case, rank=0, world=1)])
+
+
+def test_tp1_errors_name_the_argument():
+    assert check_errors(0, 1, None) == []
+
+
+def test_masked_positions_accept_any_id_and_get_zero():
+    logits = torch.randn(4, 10, requires_grad=True)
+    targets = torch.tensor([3, IGNORE, 10_000, 9])
+    mask = torch.tensor([True, False, False, True])
+    logp, entropy = logprob_and_entropy(logits, targets, mask=mask, entropy_grad=True)
+    assert logp[1] == 0 and logp[2] == 0 and entropy[1] == 0 and entropy[2] == 0
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.all(logits.grad[1:3] == 0) and torch.all(logits.grad[[0, 3]] != 0)
+
+
+def test_hand_computed_two_token_vocab():
+    # logits (0, log 3): p = (1/4, 3/4); logp(1) = log(3/4); H = -(1/4 log 1/4 + 3/4 log 3/4)
+    logits = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]])
+    logp, entropy = logprob_and_entropy(logits, torch.tensor([1]))
+    assert logp.item() == pytest.approx(-0.2876821, abs=1e-6)
+    assert entropy.item() == pytest.approx(0.5623351, abs=1e-6)
+
+
+def test_default_chunk_size_follows_budget():
+    assert default_chunk_size(1000, budget_bytes=2 * 4 * 1000 * 7) == 7
+    assert default_chunk_size(10**9, budget_bytes=1) == 1
+
+
+def _assert_parts(results_by_rank: dict, cases, data_seed=0, where=""):
+    for case in cases:
+        parts = [results_by_rank[r][case.name] for r in range(len(results_by_rank))]
+        check_against_reference(case, parts, data_seed, where)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    """One spawn of 4 gloo ranks shared by the multi-rank tests below."""
+    return run_distributed(_worker_world4, 4)
+
+
+def test_tp4_megatron_group(world4):
+    assert [r["errors"] for r in world4] == [[]] * 4
+    _assert_parts({r["rank"]: r["tp4"] for r in world4}, CASES, where=" [tp4 megatron]")
+
+
+def test_tp4_plain_world_group(world4):
+    _assert_parts({r["rank"]: r["tp4_world_group"] for r in world4}, CASES[:2], where=" [tp4 WORLD]")
+
+
+@pytest.mark.parametrize("config", ["tp2", "tp2_new_group"])
+def test_tp2_groups_side_by_side(world4, config):
+    """Two TP=2 groups with different data (megatron TP2xDP2; new_group over ranks {0,2},{1,3})."""
+    assert [r["tp2_errors"] for r in world4] == [[]] * 4
+    for data_seed in (0, 1):
+        members = [r[config] for r in world4 if r[config]["data_seed"] == data_seed]
+        by_rank = {m["g_rank"]: m["cases"] for m in members}
+        assert sorted(by_rank) == [0, 1], f"{config}: group ranks {sorted(by_rank)}"
+        cases = [c for c in CASES if c.name in by_rank[0]]
+        _assert_parts(by_rank, cases, data_seed, where=f" [{config} data {data_seed}]")
+
+
+def test_group_without_this_rank_is_an_error(world4):
+    assert all(r["non_member"].startswith("tp_group:") for r in world4), [r["non_member"] for r in world4]
+
+
+def _live_storage_bytes_mode():
+    """The benchmark's allocation tracker (tools/ is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_logprob_entropy.py"
+    spec = importlib.util.spec_from_file_location("bench_logprob_entropy", path)
+    module = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module.LiveStorageBytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_memory_is_bounded_by_the_chunk_not_the_sequence(dtype):
+    tokens, vocab, chunk = 512, 256, 16
+    logits = torch.randn(tokens, vocab).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+    with _live_storage_bytes_mode() as mode:
+        logp, entropy = logprob_and_entropy(logits, targets, chunk_size=chunk, entropy_grad=True)
+        (logp.sum() + entropy.sum()).backward()
+    grad_bytes = logits.numel() * logits.element_size()
+    working = 2 * chunk * vocab * 4  # two fp32 chunk buffers
+    per_token = 128 * tokens  # targets, masks and fp32 per-token statistics
+    # A full-vocabulary fp32 softmax alone would be tokens * vocab * 4 = 512 KiB beyond the gradient.
+    assert mode.peak <= grad_bytes + working + per_token, (mode.peak, grad_bytes, working, per_token)
+    assert mode.peak >= grad_bytes  # the tracker does see the gradient
