@@ -27,7 +27,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         if self.init_from is None and self.arch is None:
-            raise ConfigError("model", "set model.init_from (a checkpoint dir) or model.arch (a fresh model)")
+            raise ConfigError("init_from", "set model.init_from (a checkpoint dir) or model.arch (a fresh model)")
 
 
 @dataclass

@@ -268,6 +268,8 @@ class Trainer:
         loss_fn = get_policy_loss(cfg.algo.policy_loss)
         with timer.phase("train"):
             train_metrics = self._update(batch, loss_fn)
+            train_metrics.pop("step", None)
+            train_metrics["optimizer_step"] = float(self.worker.step)
         _check_finite(train_metrics, f"RL step {step + 1}", self._last_checkpoint())
         with timer.phase("sync"):
             sync = self._sync_weights(str(step + 1))

@@ -21,6 +21,9 @@ def _plain(v):
     return v
 
 
+_RESERVED = ("step", "split", "time")
+
+
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
@@ -52,8 +55,8 @@ class MetricsWriter:
         tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict, split: str = "train") -> dict:
-        row = {"step": step, "split": split, "time": time.time()}
-        row.update({k: _plain(v) for k, v in metrics.items()})
+        row = {f"metric/{k}" if k in _RESERVED else k: _plain(v) for k, v in metrics.items()}
+        row.update(step=step, split=split, time=time.time())  # the row's own keys always win
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         if self._tb is not None:
