@@ -107,6 +107,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             raise ConfigError(key, f"expected an integer, got {value!r}", source)
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads `3e-5` (no dot) as a string; a numeric string is unambiguous here.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(key, f"expected a number, got {value!r}", source) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}", source)
         value = float(value)
