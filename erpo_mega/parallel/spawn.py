@@ -20,7 +20,19 @@ import torch.multiprocessing as mp
 from erpo_mega.parallel.dist import free_port
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when the spawning process dies, so no orphan ranks linger."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
