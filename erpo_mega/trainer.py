@@ -76,9 +76,10 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, checkpoint: str | None = None):
         self.cfg = cfg
-        self.resume = resume
+        self.resume = resume or checkpoint is not None
+        self.checkpoint = checkpoint  # a checkpoint root or iter dir; default: the run's own
         self.run_dir = Path(cfg.run_dir)
         self.rank = 0
         self.worker: PolicyWorker | None = None
@@ -343,12 +344,14 @@ class Trainer:
                 self.ref_worker = self._new_worker(cfg.train.optim, init)
             batcher = PromptBatcher(train.items, cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt,
                                     seed=cfg.seed)
-            ckpt_root = self.run_dir / "checkpoints"
-            if self.resume and (ckpt_root / "latest").is_file():
+            ckpt_root = Path(self.checkpoint) if self.checkpoint else self.run_dir / "checkpoints"
+            if self.checkpoint and not ckpt_root.exists():
+                raise FileNotFoundError(f"--checkpoint: {ckpt_root} does not exist")
+            if self.resume and ((ckpt_root / "latest").is_file() or self.checkpoint):
                 extra = self.worker.load(ckpt_root)
                 self.step = int(extra["step"])
                 batcher.load_state_dict(extra["batcher"])
-                if self.metrics:
+                if self.metrics and mode == "train":  # drop rows the resumed run will redo
                     self.metrics.close()
                     self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
             elif self.resume and self.rank == 0:
@@ -478,7 +481,7 @@ def run_from_cli(config_path: str, overrides: list[str] | None, mode: str = "tra
     except ConfigError as e:
         print(f"erpo-mega: error: {e}", file=sys.stderr, flush=True)
         return 2
-    trainer = Trainer(cfg, resume=resume or mode == "eval")
+    trainer = Trainer(cfg, resume=resume or mode == "eval", checkpoint=checkpoint)
     try:
         result = trainer.train(mode=mode)
     except TrainingDiverged as e:

@@ -14,13 +14,13 @@ from erpo_mega.algo.advantages import (
 from erpo_mega.algo.config import ERPOConfig, LossConfig
 from erpo_mega.algo.kl import kl_estimate
 from erpo_mega.algo.loss import LossNormalizer, combine_metrics, policy_loss
-from erpo_mega.algo.sft import sft_nll_loss
 from erpo_mega.algo.registry import (
     get_advantage_estimator,
     get_policy_loss,
     register_advantage_estimator,
     register_policy_loss,
 )
+from erpo_mega.algo.sft import sft_nll_loss
 
 __all__ = [
     "ERPOConfig",

@@ -19,8 +19,9 @@ Uniform signatures (documented here because plug-ins must follow them):
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+
+from erpo_mega.plugins import import_callable
 
 
 class Registry:
@@ -56,21 +57,7 @@ class Registry:
         return sorted(self._items)
 
     def _import(self, spec: str) -> Callable:
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"{self.kind} '{spec}': expected 'package.module:function'")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"{self.kind} '{spec}': cannot import module '{module_name}': {e}") from e
-        fn = module
-        for part in attr.split("."):
-            if not hasattr(fn, part):
-                raise ValueError(f"{self.kind} '{spec}': module '{module_name}' has no attribute '{attr}'")
-            fn = getattr(fn, part)
-        if not callable(fn):
-            raise ValueError(f"{self.kind} '{spec}': '{attr}' is not callable")
-        return fn
+        return import_callable(spec, self.kind)
 
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")

@@ -158,6 +158,8 @@ class ModelConfig:
         q = self.num_attention_heads * self.kv_channels
         kv = 2 * self.num_key_value_heads * self.kv_channels
         attn = h * (q + kv) + q * h + ((q + kv) if self.qkv_bias else 0)
+        if self.qkv_bias and self.arch == "llama":
+            attn += h  # HF Llama's attention_bias also biases o_proj
         mlp = 3 * h * f
         per_layer = attn + mlp + 2 * h
         emb = v * h * (1 if self.tie_word_embeddings else 2)

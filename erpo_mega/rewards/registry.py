@@ -10,7 +10,6 @@ and is counted in `.stats`, which the trainer logs.
 
 from __future__ import annotations
 
-import importlib
 import math
 import signal
 import threading
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from erpo_mega.data.builtin_task import CHECKER_NAME, check_answer
 from erpo_mega.data.types import PromptItem
+from erpo_mega.plugins import import_callable
 from erpo_mega.rewards.math_verify_reward import VerifyTimeout, math_verify_reward
 
 RewardFn = Callable[[PromptItem, str], float]
@@ -102,17 +102,7 @@ class SafeReward:
 
 
 def _import_function(spec: str) -> RewardFn:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"reward '{spec}': expected 'builtin', 'math_verify' or 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward '{spec}': cannot import module '{module_name}': {e}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward '{spec}': module '{module_name}' has no function '{attr}'")
-    return fn
+    return import_callable(spec, "reward", "'builtin', 'math_verify' or 'package.module:function'")
 
 
 def get_reward_fn(name: str, timeout_s: float = 10.0) -> SafeReward:

@@ -152,3 +152,13 @@ def test_unknown_config_key_names_key_and_file(tmp_path):
     proc = run_cli("train", path, check=False)
     assert proc.returncode != 0
     assert "algo.erpo.betta" in proc.stderr and str(path) in proc.stderr
+
+
+def test_eval_command_scores_the_latest_checkpoint(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    cfg = write_config(tmp_path / "eval.yaml", tiny_config(run_dir, reward="tests.e2e.plugins:even_length_reward"))
+    proc = run_cli("eval", cfg, "--checkpoint", run_dir / "checkpoints" / "iter_0000002")
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["num_prompts"] == 8.0 and 0.0 <= result["accuracy"] <= 1.0
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals[-1]["step"] == 2  # scored at the checkpoint's step

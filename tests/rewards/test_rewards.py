@@ -88,5 +88,5 @@ def test_bad_names_are_clear():
         get_reward_fn("no_such_reward")
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg'"):
         get_reward_fn("no_such_pkg:f")
-    with pytest.raises(ValueError, match="has no function 'missing'"):
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
         get_reward_fn(f"{__name__}:missing")
