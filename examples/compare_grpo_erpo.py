@@ -6,7 +6,13 @@ held-out accuracy, mean response length, final policy entropy, CDP fraction: mea
 over seeds) and `curves.png` under --out.
 
     python examples/compare_grpo_erpo.py --config examples/tiny_cpu.yaml --seeds 1 2 3 --out runs/compare
-    python examples/compare_grpo_erpo.py ... --eval-split validation   # for tuning ERPO's knobs
+
+Tuning ERPO's knobs is the same comparison on the validation split, with named variants
+(the SFT warm starts of an earlier comparison are reused with --sft-root):
+
+    python examples/compare_grpo_erpo.py --eval-split validation --sft-root runs/compare --out runs/tune \
+        --variant grpo:algo.advantage=grpo --variant beta0.5:algo.erpo.beta=0.5 \
+        --variant beta1:algo.erpo.beta=1.0 train.steps=30 train.optim.total_steps=30 eval.every=15
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from erpo_mega.observe.metrics import read_metrics  # noqa: E402
 
-METHODS = ("grpo", "erpo")
+DEFAULT_VARIANTS = {"grpo": ["algo.advantage=grpo"], "erpo": ["algo.advantage=erpo"]}
+COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray")
 
 
 def _cli(*args: str) -> None:
@@ -65,8 +72,8 @@ def _plot(runs: dict[str, list[Path]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for method, color in zip(METHODS, ("tab:blue", "tab:red")):
-        for i, run in enumerate(runs[method]):
+    for (method, method_runs), color in zip(runs.items(), COLORS):
+        for i, run in enumerate(method_runs):
             rows = read_metrics(run / "metrics.jsonl")
             ev = [(r["step"], r["accuracy"]) for r in rows if r["split"] == "eval"]
             tr = [r for r in rows if r["split"] == "train"]
@@ -91,32 +98,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--eval-split", default="test", choices=["test", "validation"])
+    p.add_argument("--sft-root", help="reuse the sft_s<seed> warm starts under this directory (default: --out)")
+    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+                   help="a named run configuration (repeatable); default: grpo and erpo")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (e.g. train.steps=30)")
     args = p.parse_args(argv)
+    variants = dict(DEFAULT_VARIANTS)
+    if args.variant:
+        variants = {}
+        for spec in args.variant:
+            name, _, overrides = spec.partition(":")
+            if not name or not all("=" in o for o in overrides.split(",") if o):
+                p.error(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+            variants[name] = [o for o in overrides.split(",") if o]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"eval.split={args.eval_split}", "progress=false", *args.overrides]
-    runs: dict[str, list[Path]] = {m: [] for m in METHODS}
+    runs: dict[str, list[Path]] = {m: [] for m in variants}
     for seed in args.seeds:
-        sft_dir = out / f"sft_s{seed}"
+        sft_dir = Path(args.sft_root or out) / f"sft_s{seed}"
         if not (sft_dir / "sft" / "latest").is_file():
             _cli("sft", args.config, f"run_dir={sft_dir}", f"seed={seed}", *common)
         init = _sft_checkpoint(sft_dir)
-        for method in METHODS:
+        for method, overrides in variants.items():
             run_dir = out / f"{method}_s{seed}"
             if not (run_dir / "summary.json").is_file():
                 _cli("train", args.config, f"run_dir={run_dir}", f"seed={seed}", f"model.init_from={init}",
-                     "sft.steps=0", f"algo.advantage={method}", *common)
+                     "sft.steps=0", *overrides, *common)
             runs[method].append(run_dir)
 
-    finals = {m: [_final(r) for r in runs[m]] for m in METHODS}
-    lines = [f"GRPO vs ERPO, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), config `{args.config}`"
+    finals = {m: [_final(r) for r in runs[m]] for m in variants}
+    lines = [f"{' vs '.join(variants)}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), config `{args.config}`"
              f"{' ' + ' '.join(args.overrides) if args.overrides else ''}, eval split `{args.eval_split}`",
              "", "| method | accuracy after SFT | final accuracy | eval response length | final entropy | "
              "CDP fraction | train reward (last 5) |", "|---|---|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in variants:
         f = finals[m]
-        lines.append(f"| {m.upper()} | {_pm([x['initial_accuracy'] for x in f])} | {_pm([x['accuracy'] for x in f])} "
+        lines.append(f"| {m.upper() if m in DEFAULT_VARIANTS else m} | {_pm([x['initial_accuracy'] for x in f])} | {_pm([x['accuracy'] for x in f])} "
                      f"| {_pm([x['eval_len'] for x in f], '{:.1f}')} | {_pm([x['entropy'] for x in f])} "
                      f"| {_pm([x['cdp_fraction'] for x in f])} | {_pm([x['train_reward'] for x in f])} |")
     table = "\n".join(lines) + "\n"

@@ -61,15 +61,28 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 600
                                  join=False, start_method="spawn")
         errors = []
         deadline = time.monotonic() + timeout_s
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    errors.append(f"timed out after {timeout_s:.0f} s")
-                    break
-        except Exception as e:  # a rank died: collect every rank's story below
-            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        # Poll exit codes (waitpid) rather than ctx.join's pipe sentinels: a rank that shares
+        # tensors by file_system forks torch_shm_manager, which inherits the sentinel's write
+        # end and keeps it open as long as any process still maps that memory.
+        failed_at = None
+        while True:
+            codes = [p.exitcode for p in ctx.processes]
+            if all(c is not None for c in codes):
+                break
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = time.monotonic()  # a rank died: give the others a moment to report
+            if failed_at is not None and time.monotonic() - failed_at > 10.0:
+                errors.append(f"a rank exited with {[c for c in codes if c not in (None, 0)][0]}; "
+                              "killed the ranks still running")
+                break
+            if time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout_s:.0f} s")
+                break
+            time.sleep(0.2)
+        for p in ctx.processes:
+            if p.exitcode is None:
+                p.kill()
+            p.join(timeout=5)
         results = []
         for rank in range(world_size):
             path = Path(out_dir) / f"rank{rank}.pkl"
