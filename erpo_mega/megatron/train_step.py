@@ -12,6 +12,7 @@ gradient is then exactly d(step loss)/d(params), whatever the micro-batch budget
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -109,7 +110,11 @@ def train_step(model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, ba
     metrics (loss, pg_loss, clip fractions, approx_kl, entropy, ...) plus grad_norm (before
     clipping), lr, num_tokens, num_seqs, num_micro_batches (this rank's) and update_successful.
     """
-    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        # The distributed optimizer's fp32 shards are views (non-leaf tensors); megatron's
+        # zero_grad reads their `.grad` and torch warns on every step. Nothing is lost.
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        optimizer.zero_grad()
     metrics = forward_backward(model_chunks, batch, loss_cfg, vocab_size=vocab_size,
                                micro_batch_tokens=micro_batch_tokens, temperature=temperature, loss_fn=loss_fn,
                                pad_multiple=pad_multiple)
