@@ -13,7 +13,6 @@ values as it would alone.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erpo_mega.models.config import ModelConfig
+from erpo_mega.models.hf_io import HFCheckpointReader
 
 
 class RMSNorm(nn.Module):
@@ -245,22 +245,14 @@ class TorchLLM(nn.Module):
 
 
 def iter_hf_safetensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from an HF dir: `model.safetensors` or an indexed sharded set."""
-    from safetensors import safe_open
+    """Yield (name, tensor) from an HF dir, shard by shard, one tensor in memory at a time.
 
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: invalid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    for fname in files:
-        with safe_open(str(path / fname), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    Reads through the conversion tools' `HFCheckpointReader`, so a missing shard, a bad index or
+    a truncated file is a `ConversionError` naming the file, here as in `erpo-mega convert`.
+    """
+    reader = HFCheckpointReader(path)
+    try:
+        for name in sorted(reader.names(), key=lambda n: (str(reader.where[n]), n)):
+            yield name, reader.get(name)
+    finally:
+        reader.close()

@@ -151,6 +151,18 @@ def test_weight_version_and_get_weights(served, client):
         client.get_weights_by_name("model.nope.weight")
 
 
+def test_update_from_a_truncated_checkpoint_names_the_file_and_keeps_the_weights(served, client, tmp_path):
+    _, hf = served
+    save_tiny_model(tmp_path, "qwen2", seed=4)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    name = "model.layers.1.self_attn.k_proj.bias"
+    with pytest.raises(WeightUpdateError, match=r"Failed to update weights from .*model\.safetensors"):
+        client.update_weights_from_disk(tmp_path, weight_version="damaged")
+    assert client.get_weights_by_name(name, truncate_size=1000) == hf.state_dict()[name].tolist()
+    assert client.model_info()["weight_version"] != "damaged"
+
+
 def test_pause_abort_and_continue(client):
     client.pause_generation(mode="in_place")
     results = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from erpo_mega.models.hf_io import ConversionError
 from erpo_mega.models.torch_llm import TorchLLM, iter_hf_safetensors
 from erpo_mega.rollout import protocol as P
 from erpo_mega.rollout.engine.runner import Sequence, run_batch
@@ -279,7 +280,7 @@ class Engine:
             self._prepare_update(req.abort_all_requests)
             named = list(iter_hf_safetensors(req.model_path))
             msg = self._commit(named, req.weight_version)
-        except (OSError, KeyError, ValueError, EngineUnavailable) as e:
+        except (OSError, KeyError, ValueError, ConversionError, EngineUnavailable) as e:
             return {"success": False, "message": f"Failed to update weights from {req.model_path}: {e}",
                     "num_paused_requests": 0}
         self.model_path = req.model_path
