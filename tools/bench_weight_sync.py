@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -22,14 +21,9 @@ import torch
 
 from erpo_mega.models.config import ModelConfig
 from erpo_mega.models.torch_llm import TorchLLM
+from erpo_mega.parallel.dist import free_port
 from erpo_mega.rollout.launch import launch_embedded_server
 from erpo_mega.weights.transport import DistributedWeightSender, push_weights, save_hf_safetensors
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(args, out: Path) -> list[tuple[str, torch.Tensor]]:

@@ -7,7 +7,6 @@ Each launcher returns a `ServerHandle` that waits for `/health`, exposes a ready
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erpo_mega.parallel.dist import free_port
 from erpo_mega.rollout.client import EngineError, SGLangClient
 
 
@@ -140,12 +140,6 @@ def router_command(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1
                    policy: str = "round_robin", extra_args: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
             "--worker-urls", *worker_urls, "--policy", policy, *extra_args]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def launch_router(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1", *,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -35,12 +34,6 @@ def save_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, **kw) -> tor
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(path))
     return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def save_tiny_tokenizer(path: Path, vocab: int = 96) -> None:

@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
+from erpo_mega.parallel.dist import free_port
 from erpo_mega.rollout.client import EngineError, SGLangClient, WeightUpdateError
 from erpo_mega.rollout.engine import Engine, EngineHTTPServer
 from erpo_mega.rollout.launch import launch_embedded_server
-from tests.rollout.helpers import free_port, save_tiny_model, save_tiny_tokenizer
+from tests.rollout.helpers import save_tiny_model, save_tiny_tokenizer
 
 EOS = 2
 

@@ -5,9 +5,10 @@ import importlib.util
 import pytest
 import torch
 
+from erpo_mega.parallel.dist import free_port
 from erpo_mega.rollout.launch import launch_sglang_server
 from erpo_mega.weights.transport import push_weights
-from tests.rollout.helpers import free_port, save_tiny_model
+from tests.rollout.helpers import save_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
                                                   reason="sglang is not installed")]

@@ -9,9 +9,10 @@ transformers).
 import pytest
 import torch
 
+from erpo_mega.parallel.dist import free_port
 from erpo_mega.rollout.launch import launch_embedded_server, launch_router
 from erpo_mega.weights.transport import DistributedWeightSender, push_weights
-from tests.rollout.helpers import free_port, save_tiny_model
+from tests.rollout.helpers import save_tiny_model
 
 PROMPT = [5, 17, 33, 8]
 CHECK_NAMES = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias",
