@@ -125,3 +125,10 @@ def build_gpt_model(cfg: ModelConfig, opts: BuildOptions | None = None, vp_stage
     if opts.bf16:
         model = model.to(torch.bfloat16)
     return model
+
+
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's wrappers (DDP, Float16Module), which nest as `.module`."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

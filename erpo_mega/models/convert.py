@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from erpo_mega.config import ConfigError
 from erpo_mega.models import hf_tables as T
-from erpo_mega.models.builder import padded_vocab_size
+from erpo_mega.models.builder import padded_vocab_size, unwrap_model
 from erpo_mega.models.config import ModelConfig
 from erpo_mega.models.hf_io import (
     ConversionError,
@@ -321,12 +321,6 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_config_di
 
 
 # --- loading into a live model -------------------------------------------------------------------
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):  # DDP / Float16Module wrappers
-        module = module.module
-    return module
-
-
 def _check_model_matches(chunk, cfg: ModelConfig, where: str) -> None:
     tc = chunk.config
     pairs = [("num_layers", tc.num_layers, cfg.num_layers), ("hidden_size", tc.hidden_size, cfg.hidden_size),
@@ -357,7 +351,7 @@ def load_weights_into(model_chunks: torch.nn.Module | Iterable[torch.nn.Module],
     where = str(ckpt_dir / META_NAME)
     if cfg is not None:
         compare_model_configs(ckpt_cfg, cfg, "the model config")
-    chunks = [_unwrap(m) for m in ([model_chunks] if isinstance(model_chunks, torch.nn.Module) else model_chunks)]
+    chunks = [unwrap_model(m) for m in ([model_chunks] if isinstance(model_chunks, torch.nn.Module) else model_chunks)]
     request = {}
     for k, chunk in enumerate(chunks):
         _check_model_matches(chunk, ckpt_cfg, where)

@@ -24,15 +24,10 @@ import torch
 import torch.distributed as dist
 
 from erpo_mega.models import hf_tables as T
+from erpo_mega.models.builder import unwrap_model
 from erpo_mega.models.config import ModelConfig
 
 YIELD_ON = ("rank0", "all")
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):  # DDP / Float16Module wrappers
-        module = module.module
-    return module
 
 
 def local_parameters(model_chunks: Iterable[torch.nn.Module], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -40,7 +35,7 @@ def local_parameters(model_chunks: Iterable[torch.nn.Module], cfg: ModelConfig) 
     known = {bw.mcore for bw in T.bound_weights(cfg)}
     out: dict[str, torch.Tensor] = {}
     for chunk in model_chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         layers = chunk.decoder.layers
         for name, param in chunk.named_parameters():
             parts = name.split(".")
