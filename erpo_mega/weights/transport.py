@@ -15,8 +15,6 @@ on each engine, so no completion is generated from half-updated weights.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from erpo_mega.models.hf_io import INDEX_NAME, ShardedSafetensorsWriter, atomic_output_dir
 from erpo_mega.rollout.client import SGLangClient, WeightUpdateError
 from erpo_mega.rollout.protocol import DEFAULT_GROUP_NAME
 from erpo_mega.rollout.tensor_wire import (
@@ -98,38 +97,19 @@ def save_hf_safetensors(named_tensors: NamedTensors, out_dir: str | Path, bucket
     Files go to a sibling temp dir which is renamed into place, so readers never see a
     partial checkpoint. `copy_from` copies config/tokenizer JSON files from an HF dir.
     """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir(parents=True)
-    total, n_tensors, weight_map, shard = 0, 0, {}, 0
-    try:
-        for shard, bucket in enumerate(iter_buckets(named_tensors, bucket_bytes)):
-            fname = f"model-{shard:05d}.safetensors"
-            tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in bucket}
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            for n, t in tensors.items():
-                weight_map[n] = fname
-                total += t.numel() * t.element_size()
-                n_tensors += 1
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    n_tensors = 0
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=bucket_bytes)
+        for name, t in named_tensors:
+            # clone: the caller may reuse the buffer, and tied tensors must not share storage in a file
+            writer.add(name, t.detach().to("cpu").clone())
+            n_tensors += 1
+        shards = writer.close()
         if copy_from is not None:
             for f in Path(copy_from).iterdir():
-                if f.suffix == ".json" and f.name != "model.safetensors.index.json" or f.name == "tokenizer.model":
+                if f.suffix == ".json" and f.name != INDEX_NAME or f.name == "tokenizer.model":
                     shutil.copy2(f, tmp / f.name)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{time.monotonic_ns()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return total, shard + 1 if weight_map else 0, n_tensors
+    return writer.total_bytes, len(shards), n_tensors
 
 
 def push_via_disk(named_tensors: NamedTensors, engines: Sequence[SGLangClient], out_dir: str | Path,
