@@ -25,12 +25,16 @@ _RESERVED = ("step", "split", "time")
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None,
+                 resume_splits: tuple[str, ...] = ("train", "eval")):
+        """`resume_step`: drop the rows of `resume_splits` past that step (the resumed run redoes
+        them). Other splits are another phase's rows with their own step counter (SFT's steps
+        1..N are not RL steps) and stay."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
+            self._truncate_after(resume_step, resume_splits)
         self._fh = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -41,14 +45,14 @@ class MetricsWriter:
             except Exception:  # tensorboard missing or broken: JSONL still has everything
                 self._tb = None
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, splits: tuple[str, ...]) -> None:
         keep = []
         for line in self.path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line from a killed process
-            if row.get("step", -1) <= step:
+            if row.get("split", "train") not in splits or row.get("step", -1) <= step:
                 keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
