@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,14 @@ from erpo_mega.orchestration.rollout_step import Rollout, generate_rollout
 from erpo_mega.orchestration.sft import sft_batch, sft_step
 from erpo_mega.rewards.registry import get_reward_fn
 from erpo_mega.run_config import RunConfig, load_run_config
+from erpo_mega.run_dir import (
+    RunDirError,
+    check_new_run,
+    key_differences,
+    prune_checkpoints,
+    read_key,
+    write_key,
+)
 
 log = logging.getLogger("erpo_mega.trainer")
 
@@ -201,7 +208,12 @@ class Trainer:
         if cfg.sft.steps == 0:
             return None
         if (sft_root / "latest").is_file():  # finished before (resume)
+            _check_sft_cache(sft_root, self._sft_key())
             return sft_root
+        if self.resume and self.metrics:  # an SFT killed before it finished: its rows are redone
+            self.metrics.close()
+            self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=0,
+                                         resume_splits=("sft",))
         if self.task is None:
             raise ValueError("sft.steps > 0 needs data.source=builtin (SFT on external data is not wired yet)")
         worker = self._new_worker(cfg.sft.optim, self.init_dir)
@@ -220,8 +232,16 @@ class Trainer:
         finally:
             progress.close()
         worker.save(sft_root, extra={"phase": "sft"})
+        if self.rank == 0:
+            write_key(sft_root, self._sft_key())
         del worker
         return sft_root
+
+    def _sft_key(self) -> dict:
+        """Everything the SFT warm start's result depends on (its cache key)."""
+        cfg = self.cfg
+        return {"kind": "sft", "sft": to_dict(cfg.sft), "model": to_dict(cfg.model), "data": to_dict(cfg.data),
+                "seed": cfg.seed}
 
     def _rollout(self, step: int, batcher: PromptBatcher, train) -> Rollout:
         cfg = self.cfg.rollout
@@ -317,7 +337,7 @@ class Trainer:
         extra = {"step": self.step, "batcher": batcher.state_dict()}
         self.worker.save(self.run_dir / "checkpoints", extra=extra)
         if self.rank == 0:
-            _prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last)
+            prune_checkpoints(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last)
 
     def _eval(self, evals, step: int) -> dict | None:
         if self.rank != 0:
@@ -332,6 +352,8 @@ class Trainer:
     # ------------------------------------------------------------------ entry points -----------
     def train(self, mode: str = "train") -> dict:
         cfg = self.cfg
+        if mode != "eval":  # before anything is written: a new run never lands on an old one
+            check_new_run(self.run_dir, self.resume)
         self._setup_common()
         try:
             train, evals = self._load_data()  # bad data fails here, before any model is built
@@ -356,6 +378,9 @@ class Trainer:
                     self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
             elif self.resume and self.rank == 0:
                 log.warning("--resume: no checkpoint under %s; starting from step 0", ckpt_root)
+                if self.metrics and mode == "train":  # RL rows of the killed attempt are all redone
+                    self.metrics.close()
+                    self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=-1)
             engine_dir = self._export_hf_dir(self.run_dir / "engine_init")
             if self.rank == 0:
                 self.engines = EnginePool(cfg.rollout, self.run_dir, cfg.seed).start(engine_dir)
@@ -436,10 +461,25 @@ def _check_finite(metrics: dict, where: str, last_checkpoint: str | None) -> Non
                                f"stopping before the broken weights are saved or synced{ck}")
 
 
-def _prune(root: Path, keep: int) -> None:
-    iters = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in iters[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+def _check_sft_cache(sft_root: Path, key: dict) -> None:
+    """A finished SFT warm start is reused only for the config it was trained with."""
+    old = read_key(sft_root)
+    if old is None:  # written before keys existed: nothing to compare against
+        log.warning("%s has no record of the config it was trained with; reusing it", sft_root)
+        return
+    diff = key_differences(old, key)
+    if diff:
+        changed = []
+        for section in diff:
+            a, b = old.get(section), key.get(section)
+            if isinstance(a, dict) and isinstance(b, dict):
+                changed += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                            if a.get(k) != b.get(k)]
+            else:
+                changed.append(f"{section}: {a!r} -> {b!r}")
+        raise RunDirError(f"{sft_root} holds an SFT warm start trained with another config ({'; '.join(changed)}); "
+                          f"nothing was changed. Restore those values, delete {sft_root} to redo the warm "
+                          "start, or choose another run_dir")
 
 
 class _Progress:
@@ -475,6 +515,8 @@ def run_from_cli(config_path: str, overrides: list[str] | None, mode: str = "tra
     logging.basicConfig(level=os.environ.get("ERPO_LOG_LEVEL", "WARNING"))
     from erpo_mega.config import ConfigError
     from erpo_mega.data.types import DataError
+    from erpo_mega.megatron.checkpoint import CheckpointError
+    from erpo_mega.models.hf_io import ConversionError
 
     try:
         cfg = load_run_config(config_path, overrides)
@@ -487,7 +529,7 @@ def run_from_cli(config_path: str, overrides: list[str] | None, mode: str = "tra
     except TrainingDiverged as e:
         print(f"erpo-mega: training stopped: {e}", flush=True)
         return 1
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, RunDirError, CheckpointError, ConversionError) as e:
         print(f"erpo-mega: error: {e}", file=sys.stderr, flush=True)
         return 2
     if _rank() == 0:

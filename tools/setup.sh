@@ -22,6 +22,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 if [ "$DEV" = 1 ]; then
   pip install -q -e ".[dev]"
+  # SGLang's own code as a test referee (tests/sglang_referee.py): the wheel without its GPU
+  # dependencies (they would replace the CPU torch), plus the small pure-Python packages its
+  # server_args / utils / weight_sync modules import.
+  python -c "import importlib.metadata as m; assert m.version('sglang') == '0.5.23'" 2>/dev/null || \
+    pip install -q --no-deps sglang==0.5.23
+  pip install -q pybase64 orjson msgspec pydantic pydantic-core annotated-types typing-inspection pyzmq dill
   if ! command -v slurmctld >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       bash tools/slurm_local_cluster.sh install
