@@ -141,14 +141,8 @@ class Trainer:
         src = Path(m.init_from)
         if not src.exists():
             raise FileNotFoundError(f"model.init_from: {src} does not exist")
-        if _is_hf_dir(src):
-            from erpo_mega.models import convert
-
-            out = self.run_dir / "init_mcore"
-            if self.rank == 0 and not (out / "erpo_meta.json").is_file():
-                convert.convert_hf_to_mcore(src, out, progress=False)
-            _barrier()
-            return ModelConfig.from_hf_dir(src), out
+        if _is_hf_dir(src):  # every rank streams its own TP/PP shards from it (models.hf_load)
+            return ModelConfig.from_hf_dir(src), src
         from erpo_mega.models.convert import read_meta
 
         meta = read_meta(src)

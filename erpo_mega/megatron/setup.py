@@ -33,8 +33,14 @@ class PolicyModules:
 
 
 def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig,
-                 bf16: bool | None = None) -> PolicyModules:
-    """Model, DDP, optimizer and scheduler; megatron parallel state must be initialised."""
+                 bf16: bool | None = None, load_weights=None) -> PolicyModules:
+    """Model, DDP, optimizer and scheduler; megatron parallel state must be initialised.
+
+    `load_weights(model_chunks)` fills the initial weights *before* the optimizer exists:
+    with bf16 the (distributed) optimizer copies the bf16 parameters into its fp32 main
+    parameters when it is built, and the first step writes the main parameters back, so
+    weights loaded after that point would be replaced by the random init.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -54,6 +60,8 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimC
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt,
         average_in_collective=False)
     chunks = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
+    if load_weights is not None:
+        load_weights(chunks)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,

@@ -36,16 +36,17 @@ class PolicyWorker:
               init_from: str | Path | None = None, bf16: bool | None = None,
               init_distributed_groups: bool = True) -> PolicyWorker:
         """Initialise process groups (unless the caller did), build the policy, and load
-        initial weights from a converted HF / training checkpoint directory if given."""
+        initial weights if given: an HF safetensors directory (streamed into this rank's
+        TP/PP shards), a converted megatron directory or a training checkpoint. Weights are
+        loaded before the optimizer is built, so its fp32 main copy starts from them."""
         if init_distributed_groups:
             from erpo_mega.parallel.dist import init_distributed
 
             init_distributed(parallel.tp, parallel.pp, seed=parallel.seed)
         self.model_cfg, self.parallel = model_cfg, parallel
-        self.modules = build_policy(model_cfg, parallel, optim, bf16=bf16)
+        load = None if init_from is None else (lambda chunks: load_initial_weights(init_from, chunks, model_cfg))
+        self.modules = build_policy(model_cfg, parallel, optim, bf16=bf16, load_weights=load)
         self.step = 0
-        if init_from is not None:
-            ckpt.load_weights_only(init_from, self.modules.model_chunks)
         return self
 
     @property
@@ -87,6 +88,19 @@ class PolicyWorker:
 
     def load(self, path: str | Path, load_optimizer: bool = True) -> dict:
         """Resume from a checkpoint root or iter directory (any TP/PP/DP); returns `extra`."""
-        state = ckpt.load_checkpoint(path, self._need(), load_optimizer=load_optimizer)
+        m = self._need()
+        state = ckpt.load_checkpoint(path, m, load_optimizer=load_optimizer)
+        if not load_optimizer:  # the main (fp32) copy still holds the weights from before the load
+            m.optimizer.reload_model_params()
         self.step = int(state["step"])
         return state["extra"]
+
+
+def load_initial_weights(path: str | Path, model_chunks: list, model_cfg: ModelConfig | None = None) -> None:
+    """Initial weights from an HF directory (streamed per rank) or a megatron checkpoint."""
+    from erpo_mega.models.hf_load import is_hf_dir, load_hf_into
+
+    if is_hf_dir(path):
+        load_hf_into(model_chunks, path, model_cfg)
+    else:
+        ckpt.load_weights_only(path, model_chunks)
