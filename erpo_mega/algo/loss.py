@@ -14,6 +14,12 @@ Aggregation modes (l[i, t] the per-token loss, m the mask, T_i = sum_t m[i, t]):
     seq-mean-token-sum:   sum_i (sum_t m l) / (num_seqs * (seq_sum_normalizer or 1))
 Per-sequence modes need each sequence whole inside one micro-batch (rows are sequences).
 Diagnostic metrics (clip fractions, KLs, entropy, TIS) are token means over the step.
+
+Every log-ratio is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before `exp` (as verl and
+slime do): exp(+100) is inf in fp32, and inf * a zero advantage is NaN, which would turn the
+whole step's loss into NaN because of one token. Nothing changes for |log-ratio| <= 20 (a
+ratio of 5e8, far outside any clip range); beyond it the token's ratio is held at e^20 and
+carries no gradient.
 """
 
 from __future__ import annotations
@@ -26,6 +32,18 @@ from erpo_mega.algo.config import LossConfig
 from erpo_mega.algo.kl import kl_estimate
 from erpo_mega.algo.registry import register_policy_loss
 from erpo_mega.algo.validation import check_tensor
+
+LOG_RATIO_CLAMP = 20.0
+
+
+def _safe_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(d) - 1 - d with d clamped, for metrics (finite for any input)."""
+    d = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.expm1(d) - d
 
 
 @dataclass(frozen=True)
@@ -126,7 +144,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     entropy = clean(entropy) if entropy is not None else None
     adv = clean(advantages.detach().to(logp.dtype))
     log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
+    ratio = _safe_exp(log_ratio)
     clipped_ratio = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
     pg = torch.maximum(-ratio * adv, -clipped_ratio * adv)
     metrics: dict[str, torch.Tensor] = {}
@@ -145,7 +163,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         metrics["ratio_mean"] = _token_mean(ratio, m, normalizer)
         # KL(pi_old || pi) from tokens sampled by pi_old: k3 with r = pi / pi_old.
-        metrics["approx_kl"] = _token_mean(torch.expm1(log_ratio) - log_ratio, m, normalizer)
+        metrics["approx_kl"] = _token_mean(_k3(log_ratio.detach()), m, normalizer)
 
     if rollout_logp is not None:
         with torch.no_grad():
@@ -154,9 +172,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             metrics["rollout_logp_abs_diff_mean"] = gap.sum() / normalizer.num_tokens
             metrics["rollout_logp_abs_diff_max"] = gap.max() if gap.numel() else zero.clone()
             # KL(pi_rollout || pi_old) from tokens sampled by the rollout engine (k3).
-            metrics["rollout_kl"] = _token_mean(torch.expm1(old_vs_rollout) - old_vs_rollout, m, normalizer)
+            metrics["rollout_kl"] = _token_mean(_k3(old_vs_rollout), m, normalizer)
             if cfg.tis_cap is not None:
-                raw = torch.exp(old_vs_rollout)
+                raw = _safe_exp(old_vs_rollout)
                 weight = raw.clamp(max=cfg.tis_cap)
                 metrics["tis_weight_mean"] = _token_mean(weight, m, normalizer)
                 metrics["tis_clip_frac"] = _token_mean((raw > cfg.tis_cap).to(m.dtype), m, normalizer)
