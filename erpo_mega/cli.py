@@ -1,4 +1,4 @@
-"""`erpo-mega` command line: train, sft, eval, convert, serve, plot.
+"""`erpo-mega` command line: train, sft, eval, convert, serve, plot, bench.
 
 Each subcommand is a thin front to one room of the package; heavy imports happen inside the
 subcommand so `erpo-mega --help` is instant.
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=_cmd_serve)
 
+    sp = sub.add_parser("bench", help="throughput of the RL step per phase and device; `bench merge`, `bench plan`",
+                        add_help=False)
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sp = sub.add_parser("prepare-data", help="public math sets (DAPO-Math-17k, MATH, GSM8K, AIME, AMC) -> "
+                        "JSONL/parquet; `prepare-data --list`", add_help=False)
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
     sp = sub.add_parser("plot", help="PNG curves from run directories")
     sp.add_argument("run_dirs", nargs="+")
     sp.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
@@ -79,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     # which argparse.REMAINDER does not do for a leading --option.
     if argv and argv[0] == "serve":
         return int(_cmd_serve(argparse.Namespace(rest=argv[1:])) or 0)
+    if argv and argv[0] == "bench":  # bench parses its own flags (and `bench merge`, `bench plan`)
+        from erpo_mega.bench.cli import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
+    if argv and argv[0] == "prepare-data":  # parses its own flags
+        from erpo_mega.data.prepare import main as prepare_main
+
+        return int(prepare_main(argv[1:]) or 0)
     if len(argv) >= 2 and argv[0] == "convert" and argv[1] in ("hf-to-mcore", "mcore-to-hf"):
         return int(_cmd_convert(argparse.Namespace(direction=argv[1], rest=argv[2:])) or 0)
     parser = build_parser()

@@ -41,12 +41,14 @@ class Rollout:
 
 def generate_rollout(client: SGLangClient, batch: PromptBatch, prompt_ids: list[list[int]], tokenizer,
                      reward_fn, *, run_seed: int, step: int, max_new_tokens: int, temperature: float,
-                     top_p: float = 1.0, top_k: int = -1, salt: str = "rollout", concurrency: int = 8) -> Rollout:
+                     top_p: float = 1.0, top_k: int = -1, salt: str = "rollout", concurrency: int = 8,
+                     extra_sampling: dict | None = None) -> Rollout:
     """Sample `batch.group_size` responses per prompt and score them.
 
     `prompt_ids[g]` are the token ids of `batch.items[g]`. Responses keep their stop token
     (the model must learn to stop); the engine's log-prob of each sampled token is kept for
-    the train/rollout mismatch metrics.
+    the train/rollout mismatch metrics. `extra_sampling` adds SGLang sampling params (the
+    benchmark forces lengths with `ignore_eos`).
     """
     expanded = batch.expanded()
     inputs = [prompt_ids[g] for g, _ in expanded]
@@ -54,7 +56,8 @@ def generate_rollout(client: SGLangClient, batch: PromptBatch, prompt_ids: list[
     # other requests the engine happened to batch it with.
     bodies = [{"input_ids": inp, "return_logprob": True,
                "sampling_params": dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                       top_k=top_k, sampling_seed=sample_seed(run_seed, step, i, salt))}
+                                       top_k=top_k, sampling_seed=sample_seed(run_seed, step, i, salt),
+                                       **(extra_sampling or {}))}
               for i, inp in enumerate(inputs)]
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(bodies)))) as pool:
         outputs = [GenerateOutput.from_json(r) for r in pool.map(client.generate_raw, bodies)]
