@@ -15,6 +15,7 @@ from erpo_mega.config import ConfigError, bounds, choices, load_config, validate
 from erpo_mega.data.datasets import DataConfig
 from erpo_mega.megatron.config import OptimConfig, ParallelConfig
 from erpo_mega.models.config import ModelConfig
+from erpo_mega.orchestration.eval_config import EvalSetConfig, check_set_names
 
 
 @dataclass
@@ -46,14 +47,24 @@ class RolloutSection:
     samples_per_prompt: int = field(default=8, metadata=bounds(ge=2))
     max_new_tokens: int = field(default=64, metadata=bounds(ge=1))
     temperature: float = field(default=1.0, metadata=bounds(gt=0))
-    top_p: float = field(default=1.0, metadata=bounds(gt=0, le=1))
-    top_k: int = -1
+    top_p: float = field(default=1.0, metadata=bounds(gt=0, le=1))  # 1 during RL (see __post_init__)
+    top_k: int = -1  # -1 during RL
     sync_method: str = field(default="tensor", metadata=choices("tensor", "disk", "distributed"))
     bucket_mb: float = field(default=512.0, metadata=bounds(gt=0))
     request_timeout_s: float = field(default=300.0, metadata=bounds(gt=0))
     max_concurrency: int = field(default=8, metadata=bounds(ge=1))
     verify_sync: bool = False  # compare engine weights with the trainer's after each sync (slow)
     drop_truncated: bool = False  # exclude responses cut by max_new_tokens from the loss
+    # stop at a run's first RL step when the engine's log-probs differ from the trainer's by more
+    # than this (mean nats/token): the engine scores another distribution (e.g. untempered); null: off
+    max_logp_gap: float | None = field(default=0.1, metadata=bounds(gt=0))
+
+    def __post_init__(self) -> None:
+        if self.top_p < 1.0 or self.top_k != -1:
+            key = "top_p" if self.top_p < 1.0 else "top_k"
+            raise ConfigError(key, f"{getattr(self, key)} truncates the sampling distribution, but the trainer's "
+                              "log-probs, ratios, TIS weights and ERPO's entropies come from the full one, so "
+                              "every one of them would be off; RL rollouts need top_p=1 and top_k=-1")
 
 
 @dataclass
@@ -85,11 +96,20 @@ class SFTSection:
 
 @dataclass
 class EvalSection:
+    """Held-out evaluation. With `sets` empty: one greedy sample per prompt of `split` (the fields
+    below); with `sets`: each named benchmark on its own (see orchestration/eval_config.py)."""
+
     every: int = field(default=10, metadata=bounds(ge=0))  # 0: only at the end
     split: str = field(default="test", metadata=choices("train", "validation", "test"))
     num_prompts: int = field(default=200, metadata=bounds(ge=1))
     temperature: float = field(default=0.0, metadata=bounds(ge=0))  # 0: greedy
     max_new_tokens: int | None = field(default=None, metadata=bounds(ge=1))  # None: rollout.max_new_tokens
+    sets: dict[str, EvalSetConfig] = field(default_factory=dict)  # name -> benchmark (avg@k, pass@k)
+    entropy: bool = True  # policy entropy and CDP fraction of the eval responses (one forward pass)
+    save_samples: bool = False  # every eval response to RUN_DIR/eval_samples/step_N.jsonl
+
+    def __post_init__(self) -> None:
+        check_set_names(self.sets)
 
 
 @dataclass
@@ -119,6 +139,10 @@ class RunConfig:
         validate(self)
         if self.rollout.engine == "external" and not self.rollout.engine_urls:
             raise ConfigError("rollout.engine_urls", "engine=external needs at least one engine URL")
+        n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if self.algo.updates_per_step > n:
+            raise ConfigError("algo.updates_per_step", f"{self.algo.updates_per_step} mini-batches need at least "
+                              f"as many samples per step, but rollout.prompts_per_step x samples_per_prompt = {n}")
 
 
 def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:

@@ -31,9 +31,27 @@ from erpo_mega.megatron.worker import PolicyWorker
 from erpo_mega.models.config import ModelConfig
 from erpo_mega.observe.metrics import MetricsWriter, PhaseTimer
 from erpo_mega.orchestration.engines import EnginePool
-from erpo_mega.orchestration.evaluate import evaluate
+from erpo_mega.orchestration.eval_config import legacy_set_config
+from erpo_mega.orchestration.evaluate import (
+    EvalSet,
+    entropy_temperature,
+    generate_set,
+    load_eval_set,
+    print_eval_table,
+    score_entropy,
+    set_metrics,
+    write_samples,
+)
 from erpo_mega.orchestration.rollout_step import Rollout, generate_rollout
 from erpo_mega.orchestration.sft import sft_batch, sft_step
+from erpo_mega.orchestration.step_guards import (
+    RolloutProblem,
+    check_rollout_logp_gap,
+    drop_empty_responses,
+    merge_update_metrics,
+    minibatch_indices,
+    rollout_logp_gap,
+)
 from erpo_mega.rewards.registry import get_reward_fn
 from erpo_mega.run_config import RunConfig, load_run_config
 from erpo_mega.run_dir import (
@@ -94,6 +112,7 @@ class Trainer:
         self.engines: EnginePool | None = None
         self.metrics: MetricsWriter | None = None
         self.step = 0
+        self._gap_checked = False  # the engine/trainer log-prob check runs at this process's first RL step
 
     # ------------------------------------------------------------------ set-up ------------------
     def _setup_common(self) -> None:
@@ -156,13 +175,24 @@ class Trainer:
         cfg = self.cfg
         if self.task is not None:
             train_items = self.task.items("train", cfg.data.builtin_train_size)
-            eval_items = self.task.items(cfg.eval.split, min(cfg.eval.num_prompts, cfg.data.builtin_eval_size))
         else:
             train_items = load_prompts(cfg.data, cfg.data.split).items
-            eval_items = load_prompts(cfg.data, cfg.eval.split).items[: cfg.eval.num_prompts]
         train = encode_prompts(train_items, self.tokenizer, cfg.data)
-        evals = encode_prompts(eval_items, self.tokenizer, cfg.data)
-        return train, evals
+        return train, self._load_eval_sets()
+
+    def _load_eval_sets(self) -> list[EvalSet]:
+        """`eval.sets`, or the legacy single split (one greedy sample per prompt, flat metric names)."""
+        cfg = self.cfg
+        if cfg.eval.sets:
+            return [load_eval_set(name, s, cfg.data, self.tokenizer, self.task) for name, s in cfg.eval.sets.items()]
+        ev = cfg.eval
+        legacy = legacy_set_config(ev.split, ev.num_prompts, ev.temperature, ev.max_new_tokens)
+        if self.task is not None:
+            items = self.task.items(ev.split, min(ev.num_prompts, cfg.data.builtin_eval_size))
+        else:
+            items = load_prompts(cfg.data, ev.split).items[: ev.num_prompts]
+        enc = encode_prompts(items, self.tokenizer, cfg.data)
+        return [EvalSet("", legacy, enc.items, enc.input_ids, label=ev.split)]
 
     # ------------------------------------------------------------------ weights -> engines ------
     def _export(self):
@@ -267,12 +297,20 @@ class Trainer:
                           rewards=r.rewards, group_ids=r.group_ids, truncated=r.truncated,
                           weight_version=_version_number(r.weight_versions))
             ro = _broadcast(ro)
+        ro, n_empty, n_dropped = drop_empty_responses(ro)  # nothing to score or train in an empty response
+        if not ro["response_ids"]:
+            raise RolloutProblem(f"RL step {step + 1}: no prompt has two non-empty responses ({n_empty} empty); "
+                                 "the engine generated nothing to train on (see its log under run_dir/engines/)")
         batch = self._policy_batch(ro)
         mask = batch.response_mask()
         n_tokens = int(mask.sum())
         with timer.phase("logprob"):
             old_logp, entropy = self.worker.compute_logprobs(batch, temperature=cfg.rollout.temperature)
             batch.old_logp = old_logp
+            if not self._gap_checked:
+                self._gap_checked = True
+                gap = rollout_logp_gap(old_logp, batch.rollout_logp, mask)
+                check_rollout_logp_gap(gap, cfg.rollout.max_logp_gap, cfg.rollout.temperature, step + 1)
             if self.ref_worker is not None:
                 batch.ref_logp, _ = self.ref_worker.compute_logprobs(batch, temperature=cfg.rollout.temperature)
         rewards = torch.tensor(ro["rewards"], dtype=torch.float32)
@@ -294,6 +332,8 @@ class Trainer:
             "accuracy": float((rewards >= 1.0).float().mean()),
             "response_len_mean": sum(lens) / len(lens),
             "truncated_fraction": sum(ro["truncated"]) / len(lens),
+            "empty_responses": float(n_empty),
+            "samples_dropped": float(n_dropped),
             "rollout_weight_version": ro["weight_version"],
             **{k: v for k, v in adv_stats.items() if isinstance(v, (int, float))},
             **train_metrics,
@@ -304,24 +344,21 @@ class Trainer:
         return out
 
     def _update(self, batch: PolicyBatch, loss_fn) -> dict:
-        """`updates_per_step` optimizer steps on disjoint mini-batches of whole samples."""
+        """`updates_per_step` optimizer steps on disjoint, non-empty mini-batches of whole samples.
+
+        A mini-batch with no token in the loss (all its responses truncated under
+        `drop_truncated`) is skipped and counted in `updates_skipped`, not an error.
+        """
         k = self.cfg.algo.updates_per_step
-        if k == 1:
-            return self.worker.train_step(batch, self.cfg.algo.loss, temperature=self.cfg.rollout.temperature,
-                                          loss_fn=loss_fn)
-        n = batch.num_samples
-        per = math.ceil(n / k)
-        merged: dict[str, float] = {}
-        for u in range(k):
-            idx = list(range(u * per, min(n, (u + 1) * per)))
-            if not idx:
-                break
-            sub = _select(batch, idx)
-            m = self.worker.train_step(sub, self.cfg.algo.loss, temperature=self.cfg.rollout.temperature,
-                                       loss_fn=loss_fn)
-            for key, v in m.items():
-                merged[key] = merged.get(key, 0.0) + v / k
-        return merged
+        per_update, skipped = [], 0
+        for idx in minibatch_indices(batch.num_samples, min(k, batch.num_samples)):
+            sub = batch if k == 1 else _select(batch, idx)
+            if not bool(sub.effective_loss_mask().any()):
+                skipped += 1
+                continue
+            per_update.append(self.worker.train_step(sub, self.cfg.algo.loss,
+                                                     temperature=self.cfg.rollout.temperature, loss_fn=loss_fn))
+        return merge_update_metrics(per_update, skipped)
 
     def _last_checkpoint(self) -> str | None:
         latest = self.run_dir / "checkpoints" / "latest"
@@ -333,14 +370,34 @@ class Trainer:
         if self.rank == 0:
             prune_checkpoints(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last)
 
-    def _eval(self, evals, step: int) -> dict | None:
+    def _eval(self, eval_sets: list[EvalSet], step: int) -> dict | None:
+        """Sample every set on rank 0; with eval.entropy every rank scores the responses (collective)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rollouts = None
+        if self.rank == 0:
+            # "auto" scores builtin items with the task's checker and everything else with math-verify
+            reward_fn = get_reward_fn("math_verify") if cfg.reward == "auto" else self.reward_fn
+            rollouts = [generate_set(self.engines.generate_client, es, self.tokenizer, reward_fn, run_seed=cfg.seed,
+                                     step=step, default_max_new_tokens=cfg.rollout.max_new_tokens,
+                                     concurrency=cfg.rollout.max_concurrency) for es in eval_sets]
+        entropy: list[dict] = []
+        if cfg.eval.entropy:
+            shared = _broadcast(None if rollouts is None else
+                                [(r.prompt_ids, r.response_ids, r.group_ids) for r in rollouts])
+            entropy = [score_entropy(self.worker, p, r, g, entropy_temperature(es.cfg), cfg.algo.erpo)
+                       for es, (p, r, g) in zip(eval_sets, shared)]
         if self.rank != 0:
             return None
-        cfg = self.cfg
-        m = evaluate(self.engines.generate_client, evals.items, evals.input_ids, self.tokenizer, self.reward_fn,
-                     run_seed=cfg.seed, step=step, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                     temperature=cfg.eval.temperature, concurrency=cfg.rollout.max_concurrency)
+        m: dict[str, float] = {}
+        for i, (es, ro) in enumerate(zip(eval_sets, rollouts)):
+            m.update(set_metrics(es, ro))
+            if entropy:
+                m.update({es.key(k): v for k, v in entropy[i].items()})
+        m["time/eval"] = time.perf_counter() - t0
         self.metrics.log(step, m, split="eval")
+        if cfg.eval.save_samples:
+            write_samples(self.run_dir / "eval_samples" / f"step_{step:06d}.jsonl", eval_sets, rollouts)
         return m
 
     # ------------------------------------------------------------------ entry points -----------
@@ -350,7 +407,7 @@ class Trainer:
             check_new_run(self.run_dir, self.resume)
         self._setup_common()
         try:
-            train, evals = self._load_data()  # bad data fails here, before any model is built
+            train, eval_sets = self._load_data()  # bad data fails here, before any model is built
             start_dir = self.run_sft()
             if mode == "sft":
                 return {"sft_checkpoint": str(start_dir) if start_dir else None}
@@ -382,9 +439,9 @@ class Trainer:
                     for e in self.engines.engines:
                         e.update_weight_version(str(self.step))
             if self.step == 0 and mode == "train":
-                self._eval(evals, 0)
+                self._eval(eval_sets, 0)
             if mode == "eval":
-                return self._eval(evals, self.step) or {}
+                return self._eval(eval_sets, self.step) or {}
             progress = _Progress(cfg.train.steps, "RL", enabled=cfg.progress and self.rank == 0, done=self.step)
             last = {}
             try:
@@ -397,12 +454,12 @@ class Trainer:
                     progress.update(self.step, f"reward {m['reward_mean']:.3f} len {m['response_len_mean']:.1f} "
                                                f"H {m.get('entropy_mean', float('nan')):.3f}")
                     if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                        self._eval(evals, self.step)
+                        self._eval(eval_sets, self.step)
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self._save(batcher)
             finally:
                 progress.close()
-            final = self._eval(evals, self.step)
+            final = self._eval(eval_sets, self.step)
             if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 self._save(batcher)
             self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
@@ -520,13 +577,15 @@ def run_from_cli(config_path: str, overrides: list[str] | None, mode: str = "tra
     trainer = Trainer(cfg, resume=resume or mode == "eval", checkpoint=checkpoint)
     try:
         result = trainer.train(mode=mode)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, RolloutProblem) as e:
         print(f"erpo-mega: training stopped: {e}", flush=True)
         return 1
     except (ConfigError, DataError, FileNotFoundError, RunDirError, CheckpointError, ConversionError) as e:
         print(f"erpo-mega: error: {e}", file=sys.stderr, flush=True)
         return 2
     if _rank() == 0:
+        if mode == "eval" and result:
+            print_eval_table(result, title=f"evaluation of {cfg.run_dir}", default_label=cfg.eval.split)
         print(json.dumps(result, indent=1, default=float))
     from erpo_mega.parallel.dist import destroy_distributed
 
