@@ -49,3 +49,19 @@ def test_plot_writes_png_and_rejects_missing_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_runs([tmp_path / "missing"])
+
+
+def test_plot_has_a_panel_per_eval_set(tmp_path):
+    from erpo_mega.observe.plot import eval_set_panels
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "split": "train", "reward_mean": s / 10} for s in range(1, 4)]
+    rows += [{"step": s, "split": "eval", "aime24/avg@4": 0.1 * s, "aime24/pass@1": 0.1 * s, "aime24/pass@4": 0.3,
+              "math500/avg@1": 0.5, "math500/pass@1": 0.5, "math500/response_len_mean": 100.0} for s in (0, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    panels = eval_set_panels([("run", rows)])
+    assert [(t, [k for k, _ in series]) for t, series, _ in panels] == [
+        ("eval aime24", ["aime24/avg@4", "aime24/pass@1", "aime24/pass@4"]),
+        ("eval math500", ["math500/avg@1", "math500/pass@1"])]
+    assert plot_runs([run]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
