@@ -156,3 +156,29 @@ def test_cli_reports_and_refuses_second_run(tmp_path):
     assert "read 2 rows, kept 1, dropped 1" in first.stdout and "duplicate problem" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert second.returncode == 2 and "refusing to overwrite" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_prepared_file_is_an_eval_set_and_the_shipped_7b_config_points_at_prepared_files(tmp_path):
+    from erpo_mega.config import ConfigError
+    from erpo_mega.data.tokenizer import build_char_tokenizer, load_tokenizer
+    from erpo_mega.orchestration.eval_config import EvalSetConfig
+    from erpo_mega.orchestration.evaluate import load_eval_set
+    from erpo_mega.run_config import load_run_config
+
+    src = _jsonl(tmp_path / "aime.jsonl", [{"problem": f"P{i}", "answer": f"00{i}"} for i in range(1, 6)])
+    out = tmp_path / "aime24.parquet"
+    prepare("aime24", out, inputs=[str(src)])
+    build_char_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    data = DataConfig(prompt_template="{prompt} (box it)", use_chat_template=False)
+    es = load_eval_set("aime24", EvalSetConfig(path=str(out), samples=4, num_prompts=3), data, tok)
+    assert [it.answer for it in es.items] == ["1", "2", "3"] and es.key("pass@4") == "aime24/pass@4"
+    assert tok.decode(es.input_ids[0], skip_special_tokens=True).endswith("P1 (box it)")
+    with pytest.raises(ConfigError, match="eval.sets.x.path"):
+        load_eval_set("x", EvalSetConfig(), data, tok)  # no built-in task to fall back on
+
+    cfg = load_run_config(str(REPO / "examples" / "erpo_qwen2.5_7b.yaml"))
+    assert cfg.data.style == "math" and cfg.data.path == "data/dapo_math_{split}.parquet"
+    assert {n: (s.path, s.samples) for n, s in cfg.eval.sets.items()} == {
+        "aime24": ("data/aime24.jsonl", 32), "aime25": ("data/aime25.jsonl", 32),
+        "amc23": ("data/amc23.jsonl", 16), "math500": ("data/math500.jsonl", 4)}
