@@ -182,3 +182,22 @@ def test_prepared_file_is_an_eval_set_and_the_shipped_7b_config_points_at_prepar
     assert {n: (s.path, s.samples) for n, s in cfg.eval.sets.items()} == {
         "aime24": ("data/aime24.jsonl", 32), "aime25": ("data/aime25.jsonl", 32),
         "amc23": ("data/amc23.jsonl", 16), "math500": ("data/math500.jsonl", 4)}
+
+
+def test_hub_path_loads_every_part_through_datasets(tmp_path, monkeypatch):
+    """--hf calls datasets.load_dataset once per part of the source (AIME 2025 comes as I and II)."""
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": f"{config} q", "answer": "12"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    rep = prepare("aime25", tmp_path / "aime25.jsonl", hf=True)
+    assert calls == [("opencompass/AIME2025", "AIME2025-I", "test"), ("opencompass/AIME2025", "AIME2025-II", "test")]
+    assert rep.kept == 2 and _loaded(tmp_path / "aime25.jsonl") == [("AIME2025-I q", "12"), ("AIME2025-II q", "12")]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="needs the `datasets` library"):
+        prepare("gsm8k", tmp_path / "g.jsonl", hf=True)
