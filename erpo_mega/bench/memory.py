@@ -14,6 +14,16 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def current_rss_bytes() -> int:
+    """Resident set size now (the baseline before the model is built: libraries, interpreter)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        return peak_rss_bytes()
+
+
 def reset_peak() -> None:
     import torch
 
@@ -21,11 +31,14 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def rank_memory(rank: int) -> dict:
-    """One rank's peaks; `cuda_max_allocated_bytes` is None on CPU."""
+def rank_memory(rank: int, rss_baseline: int | None = None) -> dict:
+    """One rank's peaks; `cuda_max_allocated_bytes` is None on CPU. `rss_baseline_bytes` is the
+    RSS before the model was built, so peak - baseline is what the model, optimizer and
+    activations took on CPU."""
     import torch
 
     out = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "rss_peak_bytes": peak_rss_bytes(),
+           "rss_baseline_bytes": rss_baseline,
            "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
     if torch.cuda.is_available():
         out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())

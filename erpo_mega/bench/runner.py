@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from erpo_mega.bench import flops as F
-from erpo_mega.bench.memory import rank_memory
+from erpo_mega.bench.memory import current_rss_bytes, rank_memory
 from erpo_mega.bench.nvml import NvmlSampler
 from erpo_mega.bench.peaks import device_name, resolve_peak
 from erpo_mega.data.batcher import PromptBatcher
@@ -107,6 +107,7 @@ class BenchTrainer(Trainer):
             train = SimpleNamespace(input_ids=self._synthetic_prompts(n_prompts))
             batcher = PromptBatcher(items, cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt,
                                     seed=cfg.seed, shuffle=False)
+            rss0 = current_rss_bytes()
             t_setup = time.perf_counter()
             self.worker = self._new_worker(cfg.train.optim, self.init_dir)
             if cfg.algo.loss.kl_coef > 0:
@@ -129,7 +130,7 @@ class BenchTrainer(Trainer):
                         self.metrics.log(self.step, {**m, "time/step": step_s, "warmup": float(i < warmup)},
                                          split="bench")
                     records.append({"step": i + 1, "warmup": i < warmup, "step_seconds": step_s, "metrics": m})
-            memory = _gather(rank_memory(self.rank))
+            memory = _gather(rank_memory(self.rank, rss0))
             nvml = _gather(sampler.summary())
             if self.rank != 0:
                 return None
@@ -260,6 +261,8 @@ def summarize(cfg, model_cfg: ModelConfig, raw: dict, steps: int, warmup: int) -
         "setup_seconds": raw["setup_seconds"],
         "memory": {"per_rank": mem, "engines": raw["engine_memory"],
                    "max_rss_bytes": max(m["rss_peak_bytes"] for m in mem),
+                   "max_rss_above_baseline_bytes": max(m["rss_peak_bytes"] - (m["rss_baseline_bytes"] or 0)
+                                                       for m in mem),
                    "max_cuda_allocated_bytes": max((m["cuda_max_allocated_bytes"] or 0) for m in mem) or None},
         "nvml": raw["nvml"],
         "timed_steps": n,
