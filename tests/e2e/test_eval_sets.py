@@ -14,6 +14,8 @@ from erpo_mega.observe.metrics import read_metrics
 
 from .conftest import run_cli, tiny_config, write_config
 
+pytestmark = pytest.mark.slow  # one train run and one eval run (two engine starts), ~60-90 s
+
 SETS = {"val": {"split": "validation", "num_prompts": 5, "samples": 4, "temperature": 1.0},
         "tst": {"split": "test", "num_prompts": 3, "samples": 4, "temperature": 0.8, "pass_k": [1, 3, 4],
                 "max_new_tokens": 8}}
