@@ -13,20 +13,25 @@ set -euo pipefail
 CONFIG="${CONFIG:-examples/tiny_cpu.yaml}"
 # ENGINE=none: the trainer starts its own embedded engine (the tiny model is trained from scratch,
 # so nothing exists to serve before the trainer builds it). ENGINE=embedded with MODEL_DIR=<HF dir>:
-# the launcher starts the engine and router first, exactly as the GPU job does with SGLang.
+# the launcher starts one engine per task slot and the router first, as the GPU job does with SGLang.
 ENGINE="${ENGINE:-none}"
 MODEL_DIR="${MODEL_DIR:-}"
 ENGINE_ARGS="${ENGINE_ARGS:---num-threads 1}"
 ENGINE_TIMEOUT="${ENGINE_TIMEOUT:-300}"
 PLACEMENT=colocated
+GPUS_PER_NODE=0                                 # a CPU job: no GPU binding
 TASKS_PER_NODE=2
 TRAIN_CMD="${TRAIN_CMD:-}"                      # default: erpo-mega train $CONFIG
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"         # two ranks plus engines share a few cores
 PYTHON="${PYTHON:-python3}"
+# ---- end of variables: everything below is the same in every job script (a test checks it)
 
+# sbatch runs a spooled copy of this file, so find the checkout from the submit directory.
 ERPO_HOME="${ERPO_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 [[ -f "$ERPO_HOME/slurm/launch.py" ]] || ERPO_HOME="${SLURM_SUBMIT_DIR:-$PWD}"
 cd "$ERPO_HOME"
 
-export CONFIG MODEL_DIR PLACEMENT ENGINE ENGINE_ARGS ENGINE_TIMEOUT TASKS_PER_NODE TRAIN_CMD
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # two ranks plus an engine share a few cores
+export MODEL_DIR CONFIG PLACEMENT ROLLOUT_NODES GPUS_PER_NODE TASKS_PER_NODE TP PP ENGINE ENGINE_TP \
+    ENGINE_DETERMINISTIC ENGINE_ARGS ENGINE_TIMEOUT CPUS_PER_TASK TRAIN_CMD OMP_NUM_THREADS
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"   # Megatron TP comm/compute overlap
 exec "$PYTHON" slurm/launch.py "$@"

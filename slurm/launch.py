@@ -16,8 +16,11 @@ and the placement arithmetic are all simpler and testable here; standard library
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import os
+import re
+import secrets
 import shlex
 import signal
 import socket
@@ -31,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from placement import (  # noqa: E402  (the launcher runs as a script, not from an installed package)
+    API_KEY_PLACEHOLDER,
     ENGINES,
     PLACEMENTS,
     LaunchSpec,
@@ -49,6 +53,22 @@ _T0 = time.monotonic()
 # Sets RANK/WORLD_SIZE/LOCAL_RANK torchrun-style from what srun gives each task, then runs the trainer.
 _RANK_SHIM = ('export RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="$SLURM_LOCALID" '
               'LOCAL_WORLD_SIZE="$SLURM_NTASKS_PER_NODE" NODE_RANK="$SLURM_NODEID"; exec "$@"')
+
+# GPU binding inside a step: $1 lists node-local GPU indices (a rank's SLURM_LOCALID, an engine's
+# ENGINE_TP set; "local": the task's SLURM_LOCALID); they index the GPUs Slurm gave the step (its CUDA_VISIBLE_DEVICES), or the node's
+# GPUs when Slurm set none. The process then sees exactly its own GPUs, as device 0.., and no other.
+_GPU_SHIM = r'''want=$1; shift
+if [ "$want" = local ]; then want=$SLURM_LOCALID; fi
+have=${CUDA_VISIBLE_DEVICES-}
+IFS=, read -ra got <<< "$have"; IFS=, read -ra idx <<< "$want"; out=
+for i in "${idx[@]}"; do
+  if [ -z "$have" ]; then out+=${out:+,}$i
+  elif [ "$i" -lt "${#got[@]}" ]; then out+=${out:+,}${got[$i]}
+  else echo "erpo-gpu-bind: GPU index $i but the step has only CUDA_VISIBLE_DEVICES=$have" >&2; exit 97
+  fi
+done
+export CUDA_VISIBLE_DEVICES=$out
+exec "$@"'''
 
 
 def log(msg: str) -> None:
@@ -110,15 +130,17 @@ def socket_env(plan: Plan) -> dict[str, str]:
 class Supervisor:
     """Owns every process the launcher starts; any death while `watch`ing is fatal."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], secret: str = ""):
         self.env = env
+        self.secret = secret  # never written to the job's output
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, list[Path]] = {}
 
     def start(self, name: str, argv: list[str], logs: list[Path], capture: Path | None = None) -> None:
         """Start `argv` in its own process group; `logs` are shown on failure; `capture`, if
         given, receives its stdout/stderr (srun steps write their own files instead)."""
-        log(f"start {name}: {shlex.join(argv)}")
+        shown = shlex.join(argv)
+        log(f"start {name}: {shown.replace(self.secret, API_KEY_PLACEHOLDER) if self.secret else shown}")
         out = open(capture, "ab") if capture else None  # the child keeps its own copy
         try:
             self.procs[name] = subprocess.Popen(argv, env=self.env, start_new_session=True, stdout=out,
@@ -157,18 +179,42 @@ class Supervisor:
             files += sorted(pattern.parent.glob(pattern.name)) if "*" in pattern.name else [pattern]
         for path in files[:max_files]:
             if path.is_file():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                text = path.read_text(errors="replace")
+                if self.secret:  # SGLang logs its server_args, api key included
+                    text = text.replace(self.secret, API_KEY_PLACEHOLDER)
+                tail = text.splitlines()[-lines:]
                 print(f"----- last {len(tail)} lines of {path} -----", flush=True)
                 print("\n".join(tail), flush=True)
 
 
 def srun_step(name: str, nodes: list[str], ntasks: int, argv: list[str], output: str,
-              extra: list[str] = ()) -> list[str]:
+              cpus_per_task: int | None = None, gpus_per_node: int = 0) -> list[str]:
     """srun argv for one job step. --overlap: engine and training steps share the nodes' CPUs
-    (colocated) instead of queueing behind each other; -K: one failing task ends the step."""
+    (colocated) instead of queueing behind each other; -K: one failing task ends the step.
+    Each task asks for its CPUs; a GPU step asks for the node's GPUs explicitly (an --exclusive
+    job's steps get none by default) and the GPU shim binds each task to its own."""
+    extra = [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    if gpus_per_node:
+        extra.append(f"--gres=gpu:{gpus_per_node}")
     return ["srun", f"--job-name={name}", "--overlap", "--kill-on-bad-exit=1", "--unbuffered",
             f"--nodes={len(nodes)}", f"--ntasks={ntasks}", f"--ntasks-per-node={ntasks // len(nodes)}",
             f"--nodelist={','.join(nodes)}", f"--output={output}", *extra, *argv]
+
+
+def gpu_bound(indices: str, argv: list[str]) -> list[str]:
+    """argv run with CUDA_VISIBLE_DEVICES narrowed to `indices` (see _GPU_SHIM)."""
+    return ["bash", "-c", _GPU_SHIM, "erpo-gpu-bind", indices, *argv]
+
+
+def write_api_key(run_dir: Path) -> tuple[str, Path]:
+    """A fresh per-job secret in RUN_DIR/api_key, mode 600 from its creation (never world-readable)."""
+    path = run_dir / "api_key"
+    key = secrets.token_urlsafe(32)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, path
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -178,16 +224,18 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0, api_key: str = "") -> bool:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
-def wait_healthy(sup: Supervisor, urls: dict[str, str], timeout_s: float) -> None:
-    """Poll each `name -> base URL` /health until 200; fail early if its process died."""
+def wait_healthy(sup: Supervisor, urls: dict[str, str], timeout_s: float, api_key: str = "") -> None:
+    """Poll each `name -> base URL` /health until 200; fail early if its process died. SGLang's
+    /health runs a one-token generation (>= 1 s once loaded), so each probe gets 10 s."""
     pending = dict(urls)
     deadline = time.monotonic() + timeout_s
     while pending:
@@ -196,7 +244,7 @@ def wait_healthy(sup: Supervisor, urls: dict[str, str], timeout_s: float) -> Non
                 sup.print_tails(name)
                 raise LaunchFailed(f"{name} exited with code {sup.procs[name].returncode} before {url}/health "
                                    f"answered")
-            if http_ok(f"{url}/health"):
+            if http_ok(f"{url}/health", timeout=10.0, api_key=api_key):
                 log(f"{name} healthy at {url}")
                 del pending[name]
         if pending and time.monotonic() > deadline:
@@ -210,17 +258,23 @@ def wait_healthy(sup: Supervisor, urls: dict[str, str], timeout_s: float) -> Non
 # ----------------------------------------------------------------------------- main flow
 
 
-def run(plan: Plan, run_dir: Path, engine_timeout_s: float, cpus_per_task: int | None) -> int:
+def run(plan: Plan, run_dir: Path, engine_timeout_s: float) -> int:
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(MASTER_ADDR=plan.master_addr, MASTER_PORT=str(plan.master_port), ERPO_RUN_DIR=str(run_dir))
     env.update(socket_env(plan))
+    api_key = ""
     if plan.router_url:
         env["ERPO_ROUTER_URL"] = plan.router_url
+        # Engines and router refuse requests without this key; the trainer's client reads the file.
+        api_key, key_file = write_api_key(run_dir)
+        env["ERPO_API_KEY_FILE"] = str(key_file)
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, api_key=api_key))
     log(f"run dir {run_dir}; MASTER_ADDR={plan.master_addr} MASTER_PORT={plan.master_port} "
         + " ".join(f"{k}={env[k]}" for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if k in env))
-    sup = Supervisor(env)
+    sup = Supervisor(env, secret=api_key)
+    gpus = plan.spec.gpus_per_node
 
     def on_signal(signum, _frame):
         raise Terminated(signal.Signals(signum).name)
@@ -228,26 +282,32 @@ def run(plan: Plan, run_dir: Path, engine_timeout_s: float, cpus_per_task: int |
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        if plan.engine_nodes:
-            log(f"phase engines: {len(plan.engine_nodes)} x {plan.spec.engine} on {','.join(plan.engine_nodes)}")
+        if plan.engines:
+            log(f"phase engines: {len(plan.engines)} x {plan.spec.engine} (tp {plan.spec.engine_tp}, dp 1 each) "
+                f"on {','.join(plan.engine_nodes)}")
             engine_urls = {}
-            for node, url in zip(plan.engine_nodes, plan.engine_urls):
-                out = log_dir / f"engine-{node}.log"
-                argv = srun_step(f"engine-{node}", [node], 1, engine_command(plan), str(out))
-                sup.start(f"engine@{node}", argv, [out])
-                engine_urls[f"engine@{node}"] = url
-            wait_healthy(sup, engine_urls, engine_timeout_s)
-            log("phase router")
+            for server in plan.engines:
+                out = log_dir / f"engine-{server.node}-{server.index}.log"
+                argv = engine_command(plan, server)
+                if gpus:
+                    argv = gpu_bound(",".join(map(str, server.gpus)), argv)
+                sup.start(server.name, srun_step(f"engine{server.index}-{server.node}", [server.node], 1, argv,
+                                                 str(out), plan.engine_cpus_per_task, gpus), [out])
+                engine_urls[server.name] = server.url
+            wait_healthy(sup, engine_urls, engine_timeout_s, api_key)
+            log(f"phase router on {plan.router_node}")
             router_log = log_dir / "router.log"
-            sup.start("router", router_command(plan), [router_log], capture=router_log)
-            wait_healthy(sup, {"router": plan.router_url}, 120.0)
+            sup.start("router", srun_step("router", [plan.router_node], 1, router_command(plan), str(router_log)),
+                      [router_log])
+            wait_healthy(sup, {"router": plan.router_url}, 120.0, api_key)
 
         log(f"phase train: {plan.world_size} ranks on {','.join(plan.train_nodes)} (dp={plan.dp})")
-        extra = [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
         argv = ["bash", "-c", _RANK_SHIM, "erpo-rank", *train_command(plan)]
+        if gpus:
+            argv = gpu_bound("local", argv)  # one GPU per rank: the task's SLURM_LOCALID-th
         pattern = str(log_dir / "train-%N-rank%t.log")
-        sup.start("train", srun_step("train", plan.train_nodes, plan.world_size, argv, pattern, extra),
-                  [log_dir / "train-*.log"])
+        sup.start("train", srun_step("train", plan.train_nodes, plan.world_size, argv, pattern,
+                                     plan.train_cpus_per_task, gpus), [log_dir / "train-*.log"])
 
         while True:
             exited = sup.first_exited()
@@ -284,6 +344,61 @@ def _env_int(name: str, default: int | None) -> int | None:
         raise PlanError(name, f"must be an integer, got {value!r}") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        out = float(value)
+    except ValueError:
+        raise PlanError(name, f"must be a number of seconds, got {value!r}") from None
+    if not out > 0:
+        raise PlanError(name, f"must be > 0, got {value!r}")
+    return out
+
+
+def _env_bool(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise PlanError(name, f"must be 0 or 1, got {os.environ[name]!r}")
+
+
+_NODE_ADDR = re.compile(r"NodeName=(\S+).*?\bNodeAddr=(\S+)")
+
+
+def parse_node_addrs(scontrol_output: str) -> dict[str, str]:
+    """`scontrol show node -o` -> {NodeName: NodeAddr}, one node per line."""
+    return {m.group(1): m.group(2) for m in map(_NODE_ADDR.search, scontrol_output.splitlines()) if m}
+
+
+def node_addresses(nodes: list[str], required: bool) -> dict[str, str]:
+    """Each node's NodeAddr as Slurm has it: the address its daemons are reached at, which is what
+    a cluster guarantees to route (node names need not resolve). Dry runs away from a cluster
+    (required=False) fall back to the names."""
+    err = ""
+    try:
+        res = subprocess.run(["scontrol", "show", "node", "-o", ",".join(nodes)], capture_output=True,
+                             text=True, timeout=30)
+        addrs = parse_node_addrs(res.stdout) if res.returncode == 0 else {}
+        err = res.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        addrs, err = {}, str(exc)
+    missing = [n for n in nodes if n not in addrs]
+    if missing and required:
+        raise PlanError("nodelist", f"scontrol show node gave no NodeAddr for {','.join(missing)}"
+                                    + (f" ({err})" if err else ""))
+    return {n: addrs.get(n, n) for n in nodes}
+
+
+def job_cpus_per_node(value: str) -> int | None:
+    """SLURM_JOB_CPUS_PER_NODE ("16(x2),8") -> the smallest count: every node can give that much."""
+    counts = [int(m.group(1)) for m in re.finditer(r"(\d+)(?:\(x\d+\))?", value or "")]
+    return min(counts) if counts else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Extra positional arguments are passed to the trainer as overrides.")
@@ -298,19 +413,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disaggregated: nodes serving rollouts, the last ones of the allocation (default: half)")
     p.add_argument("--tasks-per-node", type=int, default=_env_int("TASKS_PER_NODE", 8),
                    help="training ranks per node: GPUs per node, or CPU ranks")
+    p.add_argument("--gpus-per-node", type=int, default=_env_int("GPUS_PER_NODE", 0),
+                   help="0: CPU job; else one GPU per rank and ENGINE_TP per engine server")
     p.add_argument("--tp", type=int, default=_env_int("TP", None))
     p.add_argument("--pp", type=int, default=_env_int("PP", None))
     p.add_argument("--engine", choices=ENGINES, default=os.environ.get("ENGINE", "sglang"))
     p.add_argument("--engine-tp", type=int, default=_env_int("ENGINE_TP", 1))
+    p.add_argument("--engine-deterministic", action="store_true", default=_env_bool("ENGINE_DETERMINISTIC"),
+                   help="SGLang --enable-deterministic-inference (it ignores sampling_seed otherwise)")
     p.add_argument("--engine-args", default=os.environ.get("ENGINE_ARGS", ""),
                    help="extra flags for every engine command")
     p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", ""))
-    p.add_argument("--engine-timeout", type=float, default=float(os.environ.get("ENGINE_TIMEOUT", "1800")),
+    p.add_argument("--engine-timeout", type=float, default=_env_float("ENGINE_TIMEOUT", 1800.0),
                    help="seconds to wait for engines' /health")
     p.add_argument("--cpus-per-task", type=int, default=_env_int("CPUS_PER_TASK", None))
     p.add_argument("--run-dir", default=os.environ.get("RUN_DIR", ""),
                    help="default runs/<job name>-<job id>")
+    p.add_argument("--resume", action="store_true",
+                   help="pass --resume to the trainer (continue RUN_DIR's latest checkpoint); implied when "
+                        "Slurm requeued the job (SLURM_RESTART_COUNT > 0)")
     return p
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything starts (or a dry run says yes), inputs that cannot be read here."""
+    if not args.train_cmd:
+        if not args.config:
+            raise PlanError("CONFIG", "no trainer config given (and no TRAIN_CMD)")
+        if not Path(args.config).is_file():
+            raise PlanError("CONFIG", f"no such file: {args.config} (relative paths start at {Path.cwd()})")
+    if args.engine != "none" and not args.model_dir:
+        raise PlanError("MODEL_DIR", f"ENGINE={args.engine} needs the HF model directory to serve")
+    if args.model_dir:
+        model = Path(args.model_dir)
+        if not model.is_dir():
+            raise PlanError("MODEL_DIR", f"no such directory: {args.model_dir}")
+        if not (model / "config.json").is_file():
+            raise PlanError("MODEL_DIR", f"{args.model_dir} has no config.json (not a HuggingFace model directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,16 +461,23 @@ def main(argv: list[str] | None = None) -> int:
                                         "for a dry run set ERPO_NODELIST, e.g. ERPO_NODELIST='node[01-04]'")
         if not args.dry_run and os.environ.get("ERPO_NODELIST"):
             raise PlanError("ERPO_NODELIST", "only for --dry-run; a real launch uses the job's own nodes")
+        check_inputs(args)
+        overrides = list(args.overrides)
+        if args.resume or (_env_int("SLURM_RESTART_COUNT", 0) or 0) > 0:
+            overrides.append("--resume")  # the trainer's CLI takes flags among its overrides
         job_id = _env_int("SLURM_JOB_ID", 0)
         run_dir = Path(args.run_dir or f"runs/{os.environ.get('SLURM_JOB_NAME', 'erpo')}-{job_id}").resolve()
-        if args.engine != "none" and not args.model_dir:
-            raise PlanError("MODEL_DIR", f"ENGINE={args.engine} needs the HF model directory to serve")
+        nodes = expand_hostlist(nodelist)
         spec = LaunchSpec(
-            nodes=expand_hostlist(nodelist), job_id=job_id, placement=args.placement,
-            rollout_nodes=args.rollout_nodes, tasks_per_node=args.tasks_per_node, tp=args.tp, pp=args.pp,
-            engine=args.engine, engine_tp=args.engine_tp, model_dir=args.model_dir, config=args.config,
-            train_cmd=args.train_cmd, extra_overrides=args.overrides, engine_args=args.engine_args,
-            run_dir=str(run_dir))
+            nodes=nodes, job_id=job_id, placement=args.placement,
+            rollout_nodes=args.rollout_nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
+            tp=args.tp, pp=args.pp, engine=args.engine, engine_tp=args.engine_tp,
+            engine_deterministic=args.engine_deterministic, model_dir=args.model_dir, config=args.config,
+            train_cmd=args.train_cmd, extra_overrides=overrides, engine_args=args.engine_args,
+            node_addrs=node_addresses(nodes, required=not args.dry_run),
+            api_key=API_KEY_PLACEHOLDER if args.engine != "none" else "",
+            cpus_per_node=job_cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE", "")),
+            cpus_per_task=args.cpus_per_task, run_dir=str(run_dir))
         plan = make_plan(spec)
         lines = describe_plan(plan)
     except PlanError as exc:
@@ -342,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for line in lines:
         log(f"plan {line}")
-    return run(plan, run_dir, args.engine_timeout, args.cpus_per_task)
+    return run(plan, run_dir, args.engine_timeout)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,13 @@ def expand_hostlist(nodelist: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the plan
 
+# Ports below Linux's ephemeral range (32768+), so an outgoing connection never holds one. Each job
+# gets its own block (job id % PORT_SLOTS): router, router metrics, then one port per engine server
+# on a node, ENGINE_PORT_STRIDE apart.
+PORT_BASE, PORT_SLOTS, PORT_BLOCK, ENGINE_PORT_STRIDE = 30000, 100, 24, 2
+MAX_ENGINES_PER_NODE = (PORT_BLOCK - 2) // ENGINE_PORT_STRIDE
+API_KEY_PLACEHOLDER = "<api-key>"  # what a dry run prints instead of the job's secret
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -107,19 +114,45 @@ class LaunchSpec:
     placement: str = "disaggregated"
     rollout_nodes: int | None = None  # disaggregated only; None: half the nodes (rollouts dominate RL steps)
     tasks_per_node: int = 8          # one training rank per GPU (or per CPU slot on CPU)
+    gpus_per_node: int = 0           # 0: a CPU job (no GPU binding); else each rank gets one, each engine ENGINE_TP
     tp: int | None = None            # None: leave parallel sizes to the config file
     pp: int | None = None
     engine: str = "sglang"
     engine_tp: int = 1
+    engine_deterministic: bool = False  # SGLang honours sampling_seed only with --enable-deterministic-inference
     model_dir: str = ""
     config: str = ""
     train_cmd: str | None = None     # default: erpo-mega train CONFIG
     extra_overrides: list[str] = field(default_factory=list)
     engine_args: str = ""            # extra flags appended to every engine command
+    node_addrs: dict[str, str] = field(default_factory=dict)  # Slurm NodeAddr per node; missing: the name
+    api_key: str = ""                # per-job secret for engines and router ("" = none)
+    cpus_per_node: int | None = None  # CPUs the job holds per node (Slurm); splits them between tasks
+    cpus_per_task: int | None = None  # CPUS_PER_TASK: training ranks' share, overriding the split
     router_port: int | None = None
     engine_port: int | None = None
     master_port: int | None = None
     run_dir: str = ""                # passed to the trainer as run_dir=, so its outputs sit beside the logs
+
+
+@dataclass(frozen=True)
+class EngineServer:
+    """One rollout server: dp 1, ENGINE_TP devices, its own port (SGLang's weight-update endpoints
+    assert dp_size == 1, so data parallelism is several servers behind the router)."""
+
+    node: str
+    index: int                # on its node
+    host: str                 # the node's address: the server binds here and is reached here
+    port: int
+    gpus: tuple[int, ...]     # node-local GPU indices (CUDA_VISIBLE_DEVICES); () on CPU jobs
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return f"engine{self.index}@{self.node}"
 
 
 @dataclass(frozen=True)
@@ -132,15 +165,38 @@ class Plan:
     world_size: int
     dp: int
     router_url: str | None
-    engine_urls: list[str]
-    engine_port: int
+    engines: list[EngineServer]
+    router_node: str | None
+    router_host: str | None
     router_port: int
+    router_metrics_port: int
+    engine_port: int          # the first engine port of a node; the others follow ENGINE_PORT_STRIDE apart
+    engines_per_node: int
+    train_cpus_per_task: int | None
+    engine_cpus_per_task: int | None
+
+    @property
+    def engine_urls(self) -> list[str]:
+        return [e.url for e in self.engines]
+
+    def addr(self, node: str) -> str:
+        return self.spec.node_addrs.get(node) or node
 
 
-def job_ports(job_id: int) -> tuple[int, int, int]:
-    """(master, router, engine) ports derived from the job id, so two jobs sharing a node
-    (or a rerun while the old job's sockets linger in TIME_WAIT) do not collide."""
-    return 20000 + job_id % 10000, 30000 + job_id % 1000, 31000 + job_id % 1000
+@dataclass(frozen=True)
+class JobPorts:
+    master: int
+    router: int
+    router_metrics: int
+    engine: int  # first engine port; engine i of a node: engine + ENGINE_PORT_STRIDE * i
+
+
+def job_ports(job_id: int) -> JobPorts:
+    """Ports derived from the job id, so two jobs sharing a node (or a rerun while the old job's
+    sockets linger in TIME_WAIT) do not collide: none is a fixed default (the router's metrics
+    port included)."""
+    base = PORT_BASE + (job_id % PORT_SLOTS) * PORT_BLOCK
+    return JobPorts(master=20000 + job_id % 10000, router=base, router_metrics=base + 1, engine=base + 2)
 
 
 def _positive(key: str, value: int | None) -> None:
@@ -154,8 +210,13 @@ def make_plan(spec: LaunchSpec) -> Plan:
     if spec.engine not in ENGINES:
         raise PlanError("ENGINE", f"must be one of {ENGINES}, got {spec.engine!r}")
     for key, value in (("TASKS_PER_NODE", spec.tasks_per_node), ("TP", spec.tp), ("PP", spec.pp),
-                       ("ENGINE_TP", spec.engine_tp)):
+                       ("ENGINE_TP", spec.engine_tp), ("CPUS_PER_TASK", spec.cpus_per_task)):
         _positive(key, value)
+    if spec.gpus_per_node < 0:
+        raise PlanError("GPUS_PER_NODE", f"must be >= 0, got {spec.gpus_per_node}")
+    if spec.gpus_per_node and spec.tasks_per_node > spec.gpus_per_node:
+        raise PlanError("TASKS_PER_NODE", f"one training rank per GPU: {spec.tasks_per_node} ranks per node "
+                                          f"but GPUS_PER_NODE={spec.gpus_per_node}")
     if not spec.nodes:
         raise PlanError("nodelist", "no nodes in the allocation")
     if len(set(spec.nodes)) != len(spec.nodes):
@@ -173,8 +234,17 @@ def make_plan(spec: LaunchSpec) -> Plan:
                                              f"nodes ({len(nodes)}), got {n_roll}")
         train_nodes, engine_nodes = nodes[:-n_roll], nodes[-n_roll:]
 
-    if spec.engine == "sglang" and spec.tasks_per_node % spec.engine_tp:
-        raise PlanError("ENGINE_TP", f"must divide the GPUs per node ({spec.tasks_per_node}), got {spec.engine_tp}")
+    # Engine slots of a node: its GPUs, or on a CPU job its task slots. One server per ENGINE_TP of them.
+    slots = spec.gpus_per_node or spec.tasks_per_node
+    engines_per_node = 0
+    if engine_nodes:
+        if slots % spec.engine_tp:
+            what = "GPUs" if spec.gpus_per_node else "task slots"
+            raise PlanError("ENGINE_TP", f"must divide the {what} per node ({slots}), got {spec.engine_tp}")
+        engines_per_node = slots // spec.engine_tp
+        if engines_per_node > MAX_ENGINES_PER_NODE:
+            raise PlanError("ENGINE_TP", f"{engines_per_node} engine servers per node exceed the {MAX_ENGINES_PER_NODE} "
+                                         f"ports a job reserves per node; raise ENGINE_TP")
 
     world = len(train_nodes) * spec.tasks_per_node
     model_parallel = (spec.tp or 1) * (spec.pp or 1)
@@ -182,15 +252,40 @@ def make_plan(spec: LaunchSpec) -> Plan:
         raise PlanError("TP", f"TP*PP = {model_parallel} must divide the training world size {world} "
                               f"({len(train_nodes)} nodes x {spec.tasks_per_node} tasks)")
 
-    master_port, router_port, engine_port = job_ports(spec.job_id)
-    engine_port = spec.engine_port or engine_port
-    router_port = spec.router_port or router_port
-    engine_urls = [f"http://{n}:{engine_port}" for n in engine_nodes]
+    ports = job_ports(spec.job_id)
+    engine_port = spec.engine_port or ports.engine
+    router_port = spec.router_port or ports.router
+
+    def addr(node: str) -> str:
+        return spec.node_addrs.get(node) or node
+
+    engines = [
+        EngineServer(node=node, index=i, host=addr(node), port=engine_port + ENGINE_PORT_STRIDE * i,
+                     gpus=tuple(range(i * spec.engine_tp, (i + 1) * spec.engine_tp)) if spec.gpus_per_node else ())
+        for node in engine_nodes for i in range(engines_per_node)
+    ]
+    # The router sits beside the engines (the first engine node): its traffic is all to them.
+    router_node = engine_nodes[0] if engine_nodes else None
+
+    train_cpt = spec.cpus_per_task
+    engine_cpt = None
+    if spec.cpus_per_node:
+        if train_cpt is None:
+            train_cpt = max(1, spec.cpus_per_node // spec.tasks_per_node)
+        if engines_per_node:
+            engine_cpt = max(1, spec.cpus_per_node // engines_per_node)
+    if train_cpt and spec.cpus_per_node and train_cpt * spec.tasks_per_node > spec.cpus_per_node:
+        raise PlanError("CPUS_PER_TASK", f"{train_cpt} CPUs x {spec.tasks_per_node} ranks per node exceed the "
+                                         f"{spec.cpus_per_node} CPUs the job holds per node")
+
     return Plan(
-        spec=spec, train_nodes=train_nodes, engine_nodes=engine_nodes, master_addr=train_nodes[0],
-        master_port=spec.master_port or master_port, world_size=world, dp=world // model_parallel,
-        router_url=f"http://{nodes[0]}:{router_port}" if engine_nodes else None,
-        engine_urls=engine_urls, engine_port=engine_port, router_port=router_port,
+        spec=spec, train_nodes=train_nodes, engine_nodes=engine_nodes, master_addr=addr(train_nodes[0]),
+        master_port=spec.master_port or ports.master, world_size=world, dp=world // model_parallel,
+        router_url=f"http://{addr(router_node)}:{router_port}" if router_node else None,
+        engines=engines, router_node=router_node, router_host=addr(router_node) if router_node else None,
+        router_port=router_port, router_metrics_port=router_port + 1 if spec.router_port else ports.router_metrics,
+        engine_port=engine_port, engines_per_node=engines_per_node,
+        train_cpus_per_task=train_cpt, engine_cpus_per_task=engine_cpt,
     )
 
 
@@ -203,8 +298,18 @@ def erpo_mega_cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "erpo_mega.cli"]
 
 
-def engine_command(plan: Plan) -> list[str]:
-    """The rollout server started on each engine node (same flags for SGLang and the embedded engine)."""
+def split_args(key: str, text: str) -> list[str]:
+    """shlex.split with the job-script variable named when the quoting is broken."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise PlanError(key, f"cannot split {text!r} into arguments: {exc} (unbalanced quotes?)") from None
+
+
+def engine_command(plan: Plan, server: EngineServer, api_key: str | None = None) -> list[str]:
+    """One rollout server (same flags for SGLang and the embedded engine): dp 1, ENGINE_TP ranks,
+    bound to its node's cluster address. `api_key` defaults to the spec's (dry runs print a
+    placeholder instead of the secret)."""
     spec = plan.spec
     if spec.engine == "sglang":
         cmd = [sys.executable, "-m", "sglang.launch_server"]
@@ -212,19 +317,30 @@ def engine_command(plan: Plan) -> list[str]:
         # `erpo-mega serve` runs the same module; called directly so no CLI layer sits between the
         # SGLang-compatible flags and their parser.
         cmd = [sys.executable, "-m", "erpo_mega.rollout.serve"]
-    cmd += ["--model-path", spec.model_dir, "--tp", str(spec.engine_tp),
-            "--host", "0.0.0.0", "--port", str(plan.engine_port)]
-    engine_dp = spec.tasks_per_node // spec.engine_tp
-    if spec.engine == "sglang" and engine_dp > 1:
-        cmd += ["--dp-size", str(engine_dp)]  # one server per node drives all of its GPUs
+    cmd += ["--model-path", spec.model_dir, "--tp-size", str(spec.engine_tp),
+            "--host", server.host, "--port", str(server.port)]
+    key = spec.api_key if api_key is None else api_key
+    if key:
+        cmd += ["--api-key", key]
+    if spec.engine == "sglang" and spec.engine_deterministic:
+        cmd += ["--enable-deterministic-inference"]  # else SGLang ignores per-request sampling_seed
     if spec.placement == "colocated":
         cmd += ["--enable-memory-saver"]  # engine releases GPU memory while the trainer steps
-    return cmd + shlex.split(spec.engine_args)
+    return cmd + split_args("ENGINE_ARGS", spec.engine_args)
 
 
-def router_command(plan: Plan) -> list[str]:
-    return [sys.executable, "-m", "sglang_router.launch_router", "--host", "0.0.0.0",
-            "--port", str(plan.router_port), "--worker-urls", *plan.engine_urls, "--policy", "round_robin"]
+def router_command(plan: Plan, api_key: str | None = None) -> list[str]:
+    """sglang-router on the first engine node, bound to its address, metrics on the job's own port.
+    Workers' /health runs a one-token generation on SGLang (>= 1 s): its check timeout has room."""
+    assert plan.router_host is not None
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", plan.router_host,
+           "--port", str(plan.router_port), "--worker-urls", *plan.engine_urls, "--policy", "round_robin",
+           "--prometheus-host", plan.router_host, "--prometheus-port", str(plan.router_metrics_port),
+           "--health-check-timeout-secs", "30"]
+    key = plan.spec.api_key if api_key is None else api_key
+    if key:
+        cmd += ["--api-key", key]
+    return cmd
 
 
 def train_command(plan: Plan) -> list[str]:
@@ -232,7 +348,9 @@ def train_command(plan: Plan) -> list[str]:
     in the keys of erpo_mega/run_config.py."""
     spec = plan.spec
     if spec.train_cmd:
-        cmd = shlex.split(spec.train_cmd)
+        cmd = split_args("TRAIN_CMD", spec.train_cmd)
+        if not cmd:
+            raise PlanError("TRAIN_CMD", "is blank")
     else:
         if not spec.config:
             raise PlanError("CONFIG", "no trainer config given (and no TRAIN_CMD)")
@@ -242,7 +360,7 @@ def train_command(plan: Plan) -> list[str]:
         overrides.append(f"run_dir={spec.run_dir}")
     if spec.model_dir:
         overrides.append(f"model.init_from={spec.model_dir}")  # start from the weights the engines serve
-    if plan.engine_nodes:
+    if plan.engines:
         # Engines were started here: the trainer connects to them (weight updates go to each
         # engine, generation to the router) instead of starting its own.
         overrides += ["rollout.engine=external", f"rollout.engine_urls={json.dumps(plan.engine_urls)}",
@@ -255,24 +373,31 @@ def train_command(plan: Plan) -> list[str]:
 
 
 def describe(plan: Plan) -> list[str]:
-    """The dry-run report: `key=value` lines, stable so scripts and tests can parse them."""
+    """The dry-run report: `key=value` lines, stable so scripts and tests can parse them.
+    The api key is never printed: commands show API_KEY_PLACEHOLDER in its place."""
     spec = plan.spec
     lines = [
         f"placement={spec.placement}",
         f"engine={spec.engine}",
         f"nodes={','.join(spec.nodes)}",
+        f"node_addrs={','.join(plan.addr(n) for n in spec.nodes)}",
         f"train_nodes={','.join(plan.train_nodes)}",
         f"engine_nodes={','.join(plan.engine_nodes)}",
         f"master_addr={plan.master_addr}",
         f"master_port={plan.master_port}",
         f"world_size={plan.world_size}",
         f"tasks_per_node={spec.tasks_per_node}",
+        f"gpus_per_node={spec.gpus_per_node}",
         f"tp={spec.tp if spec.tp is not None else 'config'}",
         f"pp={spec.pp if spec.pp is not None else 'config'}",
         f"dp={plan.dp}",
         f"engine_tp={spec.engine_tp}",
+        f"engines_per_node={plan.engines_per_node}",
         f"router_url={plan.router_url or ''}",
+        f"router_metrics_port={plan.router_metrics_port if plan.router_url else ''}",
         f"engine_urls={','.join(plan.engine_urls)}",
+        f"train_cpus_per_task={plan.train_cpus_per_task or ''}",
+        f"engine_cpus_per_task={plan.engine_cpus_per_task or ''}",
     ]
     rank = 0
     for node in spec.nodes:
@@ -280,13 +405,17 @@ def describe(plan: Plan) -> list[str]:
         if node in plan.train_nodes:
             roles.append(f"train[ranks {rank}-{rank + spec.tasks_per_node - 1}]")
             rank += spec.tasks_per_node
-        if node in plan.engine_nodes:
-            roles.append(f"engine[:{plan.engine_port}]")
-        if plan.router_url and node == spec.nodes[0]:
+        for e in plan.engines:
+            if e.node == node:
+                gpus = f" gpus {','.join(map(str, e.gpus))}" if e.gpus else ""
+                roles.append(f"engine{e.index}[:{e.port}{gpus}]")
+        if node == plan.router_node:
             roles.append(f"router[:{plan.router_port}]")
         lines.append(f"node {node}={' '.join(roles) or 'idle'}")
-    if plan.engine_nodes:
-        lines.append(f"engine_cmd={shlex.join(engine_command(plan))}")
-        lines.append(f"router_cmd={shlex.join(router_command(plan))}")
+    key = API_KEY_PLACEHOLDER if spec.api_key else ""
+    for e in plan.engines:
+        lines.append(f"engine_cmd {e.name}={shlex.join(engine_command(plan, e, api_key=key))}")
+    if plan.engines:
+        lines.append(f"router_cmd={shlex.join(router_command(plan, api_key=key))}")
     lines.append(f"train_cmd={shlex.join(train_command(plan))}")
     return lines

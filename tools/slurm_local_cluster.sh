@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# A real single-node Slurm (munged + slurmctld + slurmd) on loopback, for tests and for trying the
+# A real Slurm (munged + slurmctld + one slurmd per node) on loopback, for tests and for trying the
 # job scripts on a laptop. No systemd needed: daemons are started by hand and stopped by PID.
 #
-#   tools/slurm_local_cluster.sh install   # apt-get install slurmctld slurmd slurm-client munge (no-op when present)
-#   tools/slurm_local_cluster.sh up        # (re)start a clean cluster; prints `export SLURM_CONF=...`
-#   tools/slurm_local_cluster.sh status    # sinfo + squeue
-#   tools/slurm_local_cluster.sh down      # cancel jobs, stop the daemons
+#   tools/slurm_local_cluster.sh install          # apt-get install slurmctld slurmd slurm-client munge (no-op when present)
+#   tools/slurm_local_cluster.sh up               # (re)start a clean 1-node cluster; prints `export SLURM_CONF=...`
+#   tools/slurm_local_cluster.sh up --nodes 2     # nodes n1..nN, one slurmd each, NodeAddr 127.0.0.1..127.0.0.N
+#   tools/slurm_local_cluster.sh status           # sinfo + squeue
+#   tools/slurm_local_cluster.sh down             # cancel jobs, stop the daemons
+#
+# With --nodes N > 1 the node names do not resolve and each node has its own loopback address
+# (127.0.0.i; Linux routes all of 127/8 to lo), so anything that binds or connects by node name
+# instead of Slurm's NodeAddr fails here as it would on a real cluster.
 #
 # Environment:
 #   SLURM_LOCAL_DIR      state/spool/logs/config live here (default /tmp/erpo-slurm); wiped by `up`
-#   ERPO_SLURM_CPUS      CPUs the node advertises (default: nproc; more is allowed via config_overrides)
-#   ERPO_SLURM_CTLD_PORT slurmctld port (default 6817); slurmd uses the next port
-#   ERPO_SLURM_UP_TIMEOUT seconds to wait for the node to become idle (default 60)
+#   ERPO_SLURM_CPUS      CPUs each node advertises (default: nproc; more is allowed via config_overrides)
+#   ERPO_SLURM_CTLD_PORT slurmctld port (default 6817); the slurmds use the next N ports, so two
+#                        clusters side by side (own SLURM_LOCAL_DIR) need ctld ports more than N apart
+#   ERPO_SLURM_UP_TIMEOUT seconds to wait for the nodes to become idle (default 60)
+#   ERPO_SLURM_FIRST_JOB_ID first job id (default 1 + (ctld port % 100) * 101): the launcher derives
+#                        its ports from the job id, and every fresh cluster would otherwise start at
+#                        job 1, so two clusters side by side would hand out the same ports
 set -euo pipefail
 
 DIR="${SLURM_LOCAL_DIR:-/tmp/erpo-slurm}"
 CONF="$DIR/slurm.conf"
 MUNGE_DIR="$DIR/munge"
 CTLD_PORT="${ERPO_SLURM_CTLD_PORT:-6817}"
+FIRST_JOB_ID="${ERPO_SLURM_FIRST_JOB_ID:-$((1 + (CTLD_PORT % 100) * 101))}"
 UP_TIMEOUT="${ERPO_SLURM_UP_TIMEOUT:-60}"
 
 log() { printf '[slurm-local %(%H:%M:%S)T] %s\n' -1 "$*"; }
@@ -85,13 +95,22 @@ cmd_down() {
             done
         fi
     fi
-    stop_daemons "slurmd=$DIR/slurmd.pid" "slurmctld=$DIR/slurmctld.pid" "munged=$MUNGE_DIR/munged.pid"
+    local f daemons=()
+    for f in "$DIR"/slurmd*.pid; do
+        [[ -e "$f" ]] && daemons+=("$(basename "$f" .pid)=$f")
+    done
+    stop_daemons "${daemons[@]}" "slurmctld=$DIR/slurmctld.pid" "munged=$MUNGE_DIR/munged.pid"
+}
+
+# node_names N -> "localhost" for one node (the historical layout), else "n1 n2 ... nN"
+node_names() {
+    if (($1 == 1)); then echo localhost; else seq -f 'n%g' 1 "$1" | xargs; fi
 }
 
 write_conf() {
-    local cpus=$1 mem_mb=$2
+    local cpus=$1 mem_mb=$2 nodes=$3
     cat >"$CONF" <<EOF
-# Written by tools/slurm_local_cluster.sh: one node on loopback, no accounting, no cgroups.
+# Written by tools/slurm_local_cluster.sh: $nodes node(s) on loopback, no accounting, no cgroups.
 ClusterName=erpo-local
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
@@ -113,6 +132,7 @@ EnforcePartLimits=ALL
 # Lets the node advertise more CPUs than it has (ERPO_SLURM_CPUS).
 SlurmdParameters=config_overrides
 MailProg=/bin/true
+FirstJobId=$FIRST_JOB_ID
 ReturnToService=2
 # Short kill grace so a cancelled or failed job is torn down quickly; finished jobs stay visible to
 # scontrol show job for MinJobAge seconds.
@@ -121,12 +141,23 @@ MinJobAge=600
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd.%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=$DIR/log/slurmd.%n.log
 EOF
+    local names i=0 name
+    names=$(node_names "$nodes")
+    if ((nodes == 1)); then
+        echo "NodeName=localhost NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 1)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" >>"$CONF"
+    else
+        # Each slurmd has its own port and loopback address; the names resolve nowhere.
+        for name in $names; do
+            i=$((i + 1))
+            echo "NodeName=$name NodeHostname=localhost NodeAddr=127.0.0.$i Port=$((CTLD_PORT + i)) CPUs=$cpus" \
+                "RealMemory=$mem_mb State=UNKNOWN" >>"$CONF"
+        done
+    fi
+    echo "PartitionName=debug Nodes=${names// /,} Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
 }
 
 start_munge() {
@@ -144,7 +175,7 @@ start_munge() {
 
 show_logs() {
     local f
-    for f in "$MUNGE_DIR/munged.log" "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log"; do
+    for f in "$MUNGE_DIR/munged.log" "$DIR/log/slurmctld.log" "$DIR"/log/slurmd*.log; do
         [[ -f "$f" ]] || continue
         echo "----- tail $f -----" >&2
         tail -n 25 "$f" >&2
@@ -152,6 +183,16 @@ show_logs() {
 }
 
 cmd_up() {
+    local nodes=1
+    while (($#)); do
+        case "$1" in
+            --nodes) [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ && "$2" -le 200 ]] \
+                         || die "--nodes needs a number of nodes (1-200), got '${2:-}'"
+                     nodes=$2; shift 2 ;;
+            --nodes=*) set -- --nodes "${1#--nodes=}" "${@:2}" ;;
+            *) die "up: unknown argument '$1' (use --nodes N)" ;;
+        esac
+    done
     need_root up
     command -v slurmctld >/dev/null || die "slurmctld not installed; run: $0 install"
     cmd_down >/dev/null
@@ -161,22 +202,26 @@ cmd_up() {
     local cpus mem_mb
     cpus="${ERPO_SLURM_CPUS:-$(nproc)}"
     mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024))
-    write_conf "$cpus" "$mem_mb"
+    write_conf "$cpus" "$mem_mb" "$nodes"
     start_munge
     export SLURM_CONF="$CONF"
     slurmctld -f "$CONF" || { show_logs; die "slurmctld failed to start"; }
-    slurmd -f "$CONF" -N localhost || { show_logs; die "slurmd failed to start"; }
-    local deadline=$((SECONDS + UP_TIMEOUT)) state=""
+    local name names
+    names=$(node_names "$nodes")
+    for name in $names; do
+        slurmd -f "$CONF" -N "$name" || { show_logs; die "slurmd for node $name failed to start"; }
+    done
+    local deadline=$((SECONDS + UP_TIMEOUT)) states=""
     while ((SECONDS < deadline)); do
-        state=$(sinfo -h -N -o %T 2>/dev/null | head -n 1 || true)
-        [[ "$state" == idle ]] && break
+        states=$(sinfo -h -N -o %T 2>/dev/null | sort | uniq -c | xargs || true)
+        [[ "$states" == "$nodes idle" ]] && break
         sleep 0.3
     done
-    if [[ "$state" != idle ]]; then
+    if [[ "$states" != "$nodes idle" ]]; then
         show_logs
-        die "node not idle after ${UP_TIMEOUT}s (state: '${state:-no answer}'); logs above, config $CONF"
+        die "nodes not all idle after ${UP_TIMEOUT}s (states: '${states:-no answer}'); logs above, config $CONF"
     fi
-    log "cluster up: 1 node (localhost), $cpus CPUs, state in $DIR"
+    log "cluster up: $nodes node(s) ($names), $cpus CPUs each, state in $DIR"
     echo "To use it:  export SLURM_CONF=$CONF"
     echo "Stop it:    $0 down"
 }
@@ -190,8 +235,8 @@ cmd_status() {
 
 case "${1:-}" in
     install) cmd_install ;;
-    up) cmd_up ;;
+    up) shift; cmd_up "$@" ;;
     down) need_root down; cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 install|up|down|status   (state dir: \$SLURM_LOCAL_DIR, default /tmp/erpo-slurm)" >&2; exit 2 ;;
+    *) echo "usage: $0 install|up [--nodes N]|down|status   (state dir: \$SLURM_LOCAL_DIR, default /tmp/erpo-slurm)" >&2; exit 2 ;;
 esac

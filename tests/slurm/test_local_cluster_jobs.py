@@ -11,8 +11,10 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,19 +35,53 @@ if not os.environ.get("ERPO_REQUIRE_SLURM"):
                     allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
-    """Bring the cluster up on its own state dir and port (not a developer's /tmp/erpo-slurm)."""
-    state = Path(os.environ.get("ERPO_TEST_SLURM_DIR", "/tmp/erpo-slurm-test"))
-    env = dict(os.environ, SLURM_LOCAL_DIR=str(state), ERPO_SLURM_CTLD_PORT="6827", ERPO_SLURM_CPUS="4")
+def free_port_run(n: int) -> int:
+    """A port p with p..p+n free right now (slurmctld on p, one slurmd per node after it), away
+    from other clusters on this machine (other test runs, a developer's, a benchmark's)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + n > 32767:
+            p = 10000 + p % 20000
+        try:
+            socks = []
+            for q in range(p, p + n + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", q))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def local_cluster(nodes: int):
+    """Bring a cluster up on its own state dir and ports (not a developer's /tmp/erpo-slurm)."""
+    # Under /tmp itself: munged runs as the munge user, which cannot enter pytest's 0700 temp dirs.
+    state = Path(tempfile.mkdtemp(prefix=f"erpo-slurm-test-{nodes}n-", dir="/tmp"))
+    env = dict(os.environ, SLURM_LOCAL_DIR=str(state), ERPO_SLURM_CTLD_PORT=str(free_port_run(nodes)),
+               ERPO_SLURM_CPUS="4")
     for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_LOCAL_DIR"]:
         del env[key]  # a job's own SLURM_* must not leak into the jobs we submit
-    up = subprocess.run(["bash", str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
+    up = subprocess.run(["bash", str(CLUSTER), "up", "--nodes", str(nodes)], env=env, capture_output=True,
+                        text=True, timeout=120)
     assert up.returncode == 0, f"local cluster failed to start:\n{up.stdout}\n{up.stderr}"
     env["SLURM_CONF"] = str(state / "slurm.conf")
     assert f"export SLURM_CONF={env['SLURM_CONF']}" in up.stdout
-    yield env
-    subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    yield from local_cluster(1)
 
 
 def sbatch(env: dict, args: list[str], cwd: Path = REPO) -> int:
@@ -87,7 +123,7 @@ def test_two_rank_gloo_allreduce_job_completes(slurm_env, tmp_path):
     assert record["allreduce_sum"] == 1.0 + 2.0  # ranks contribute rank + 1
     assert record["world_size"] == 2
     assert record["rank_local_rank"] == [[0, 0], [1, 1]]
-    assert record["master_addr"] == "localhost" and record["master_port"] == 20000 + job % 10000
+    assert record["master_addr"] == "127.0.0.1" and record["master_port"] == 20000 + job % 10000  # NodeAddr
     assert record["gloo_ifname"] == "lo"
     assert record["overrides"] == {"run_dir": str(run_dir), "train.steps": "3"}
     assert len(list((run_dir / "logs").glob("train-*-rank*.log"))) == 2
@@ -117,16 +153,30 @@ def test_one_failing_rank_fails_the_job_and_stops_the_others(slurm_env, tmp_path
 
 def test_engine_that_dies_at_startup_fails_the_job_before_training(slurm_env, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    missing = tmp_path / "no-such-model"
-    env = dict(slurm_env, ENGINE="embedded", MODEL_DIR=str(missing), RUN_DIR=str(run_dir), PYTHON=sys.executable,
+    broken = tmp_path / "broken-model"  # passes the launcher's check (config.json), has no weights
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    env = dict(slurm_env, ENGINE="embedded", MODEL_DIR=str(broken), RUN_DIR=str(run_dir), PYTHON=sys.executable,
                TRAIN_CMD=f"{sys.executable} {PAYLOADS / 'allreduce.py'}")
     job = sbatch(env, [f"--output={out}", str(REPO / "slurm/erpo_tiny_cpu.sh")])
     state = wait_job(slurm_env, job, 120)
     log = out.read_text()
     assert state["JobState"] == "FAILED", log
-    assert "FAILED: engine@localhost exited" in log
-    assert str(missing) in log  # the engine's own error, shown from its log
+    assert re.search(r"FAILED: engine\d@localhost exited", log), log
+    assert str(broken) in log  # the engine's own error, shown from its log
     assert "phase train" not in log and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_missing_model_dir_is_refused_before_anything_starts(slurm_env, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    env = dict(slurm_env, ENGINE="embedded", MODEL_DIR=str(tmp_path / "nope"), RUN_DIR=str(run_dir),
+               PYTHON=sys.executable, TRAIN_CMD="true")
+    job = sbatch(env, [f"--output={out}", str(REPO / "slurm/erpo_tiny_cpu.sh")])
+    state = wait_job(slurm_env, job, 60)
+    log = out.read_text()
+    assert state["JobState"] == "FAILED", log
+    assert log.strip() == f"launch: error: MODEL_DIR: no such directory: {tmp_path / 'nope'}"
+    assert not run_dir.exists()
 
 
 def _tiny_model(path: Path):
@@ -136,8 +186,9 @@ def _tiny_model(path: Path):
 
 
 def test_tiny_cpu_script_serves_through_router_to_two_ranks(slurm_env, tmp_path):
-    """slurm/erpo_tiny_cpu.sh with the real embedded engine and sglang-router; a stand-in trainer
-    all-reduces and asks the router for a greedy completion, checked against transformers."""
+    """slurm/erpo_tiny_cpu.sh with the real embedded engines (one per task slot, dp 1 each) and
+    sglang-router, all behind the job's api key; a stand-in trainer all-reduces and asks the router
+    for a greedy completion, checked against transformers."""
     import torch
 
     model_dir = tmp_path / "model"
@@ -151,19 +202,25 @@ def test_tiny_cpu_script_serves_through_router_to_two_ranks(slurm_env, tmp_path)
     log = out.read_text()
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log
     record = json.loads((run_dir / "metrics.jsonl").read_text())
-    router_url = f"http://localhost:{30000 + job % 1000}"
+    router_port = 30000 + (job % 100) * 24
+    engine_urls = [f"http://127.0.0.1:{router_port + 2}", f"http://127.0.0.1:{router_port + 4}"]  # NodeAddr
     assert record["overrides"] == {
         "run_dir": str(run_dir), "model.init_from": str(model_dir), "rollout.engine": "external",
-        "rollout.engine_urls": f'["http://localhost:{31000 + job % 1000}"]', "rollout.router_url": router_url}
+        "rollout.engine_urls": json.dumps(engine_urls), "rollout.router_url": f"http://127.0.0.1:{router_port}"}
+    key_file = run_dir / "api_key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_text().strip()) >= 32
     assert record["allreduce_sum"] == 3.0
     ids = torch.tensor([record["prompt_ids"]])
     with torch.no_grad():
         for _ in range(4):
             ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert record["completion_ids"] == ids[0, 4:].tolist()
-    for phase in ("phase engines", "engine@localhost healthy", "router healthy", "phase done"):
+    for phase in ("phase engines", "engine0@localhost healthy", "engine1@localhost healthy", "router healthy",
+                  "phase done"):
         assert phase in log
-    assert (run_dir / "logs" / "engine-localhost.log").is_file() and (run_dir / "logs" / "router.log").is_file()
+    assert key_file.read_text().strip() not in log  # the secret is not in the job's output
+    for name in ("engine-localhost-0.log", "engine-localhost-1.log", "router.log"):
+        assert (run_dir / "logs" / name).is_file()
 
 
 SMOKE_OVERRIDES = ["sft.steps=2", "sft.optim.total_steps=2", "sft.optim.warmup_steps=0", "train.steps=1",

@@ -23,8 +23,11 @@ PROMPT_IDS = [5, 6, 7, 8]
 def greedy_completion(base_url: str, n_tokens: int = 4) -> list[int]:
     body = {"input_ids": PROMPT_IDS,
             "sampling_params": {"max_new_tokens": n_tokens, "temperature": 0.0, "ignore_eos": True}}
-    req = urllib.request.Request(f"{base_url}/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    key_file = os.environ.get("ERPO_API_KEY_FILE")  # the launcher's per-job key, as the trainer reads it
+    if key_file:
+        headers["Authorization"] = f"Bearer {Path(key_file).read_text().strip()}"
+    req = urllib.request.Request(f"{base_url}/generate", data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.load(resp)["output_ids"]
 
