@@ -63,12 +63,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
                 return None
             raise ConfigError(key, "must not be null", source)
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        real = [a for a in args if a is not type(None)]
+        for arg in real:
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError as e:
+                if len(real) == 1 or (dataclasses.is_dataclass(arg) and isinstance(value, dict)):
+                    raise  # `X | None` or a mapping for a section: its own error says what is wrong inside
                 errors.append(str(e))
         raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}", source)
     if origin is Literal:

@@ -128,6 +128,7 @@ class Trainer:
         _barrier()
         self.tokenizer = self._tokenizer()
         self.model_cfg, self.init_dir = self._model_source()
+        _check_layout(self.model_cfg, cfg.train.parallel)  # before any data is read or model is built
         self.task = ArithmeticTask(cfg.data.builtin, seed=cfg.data.seed) if cfg.data.source == "builtin" else None
         reward = cfg.reward
         if reward == "auto":
@@ -510,6 +511,18 @@ def _check_finite(metrics: dict, where: str, last_checkpoint: str | None) -> Non
             "; no checkpoint had been written yet"
         raise TrainingDiverged(f"{where}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}; "
                                f"stopping before the broken weights are saved or synced{ck}")
+
+
+def _check_layout(model_cfg: ModelConfig, par) -> None:
+    """The model splits over train.parallel.tp x pp (heads, groups, FFN, vocab, layers), or a ConfigError."""
+    from erpo_mega.config import ConfigError
+    from erpo_mega.models.hf_tables import validate_parallel_layout
+
+    try:
+        validate_parallel_layout(model_cfg, par.tp, par.pp)
+    except ConfigError as e:
+        raise ConfigError("train.parallel.tp" if e.key != "num_layers" else "train.parallel.pp",
+                          f"the model cannot be split this way: {e.key} {str(e).split(': ', 1)[-1]}") from None
 
 
 def _check_sft_cache(sft_root: Path, key: dict) -> None:

@@ -47,10 +47,44 @@ class EncodedPrompts:
     too_long: int = 0
 
 
+def max_token_chars(tokenizer) -> int | None:
+    """The most characters one token of `tokenizer` can stand for (None: unknown).
+
+    A vocabulary string is at least as long as the text it decodes to (byte-level BPE spells
+    each byte as one character; SentencePiece spells each character as itself), so a text of
+    C characters needs at least C / max_token_chars tokens.
+    """
+    cached = getattr(tokenizer, "_erpo_max_token_chars", 0)
+    if cached:
+        return cached
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # not an HF tokenizer: no bound, tokenize as before
+        return None
+    longest = max((len(t) for t in vocab), default=0) or None
+    try:
+        tokenizer._erpo_max_token_chars = longest
+    except AttributeError:
+        pass
+    return longest
+
+
 def encode_prompts(items: list[PromptItem], tokenizer, cfg: DataConfig) -> EncodedPrompts:
-    """Encode all prompts, dropping those longer than `max_prompt_len` with a warning and a count."""
+    """Encode all prompts, dropping those longer than `max_prompt_len` with a warning and a count.
+
+    A prompt whose text alone has more characters than `max_prompt_len` tokens could spell
+    is dropped before tokenization: a 20 MB line is not worth tokenizing (minutes, gigabytes)
+    only to learn that it is too long.
+    """
     kept, ids, dropped = [], [], []
+    per_token = max_token_chars(tokenizer)
+    char_bound = cfg.max_prompt_len * per_token if per_token else None
     for item in items:
+        if char_bound is not None:
+            n_chars = sum(len(m["content"]) for m in render_messages(item, cfg))
+            if n_chars > char_bound:
+                dropped.append((item, f">= {-(-n_chars // per_token)}"))
+                continue
         toks = encode_prompt(item, tokenizer, cfg)
         if len(toks) > cfg.max_prompt_len:
             dropped.append((item, len(toks)))
@@ -67,7 +101,7 @@ def encode_prompts(items: list[PromptItem], tokenizer, cfg: DataConfig) -> Encod
     return EncodedPrompts(kept, ids, len(dropped))
 
 
-def _where(item: PromptItem, n_tokens: int) -> str:
+def _where(item: PromptItem, n_tokens: int | str) -> str:
     meta = item.meta
     loc = f"{meta['source']}:{meta['line']}" if "line" in meta else f"{meta.get('source')}#{meta.get('index')}"
     return f"{loc} ({n_tokens} tokens)"

@@ -25,7 +25,10 @@ class ParallelSizes:
 
     def dp(self, world_size: int) -> int:
         if world_size % (self.tp * self.pp):
-            raise ValueError(f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp}")
+            from erpo_mega.config import ConfigError  # a ValueError: callers catching that still do
+
+            raise ConfigError("train.parallel", f"world size {world_size} (WORLD_SIZE: processes started) is not "
+                              f"divisible by tp*pp = {self.tp}*{self.pp}")
         return world_size // (self.tp * self.pp)
 
 
