@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--dtype", default=None, help="logits dtype (default float32 on CPU, bfloat16 on CUDA)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: cuda (NCCL) when a GPU is visible, else cpu (gloo)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--entropy-grad", action="store_true", help="backpropagate through the entropy too")
     ap.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: from the budget)")
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--simulate-on-one-gpu", action="store_true",
                     help="CUDA with fewer GPUs than TP: all ranks on GPU 0, gloo instead of NCCL")
     args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     for tp in args.tp:
