@@ -156,6 +156,26 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # --- HF -> megatron --------------------------------------------------------------------------------
+def check_output_apart(out_dir: str | Path, **inputs: str | Path | None) -> None:
+    """Refuse an output directory that is, contains or lies inside an input: replacing it
+    (`--force`) or writing into it would delete or alter the model being read."""
+    out = Path(out_dir).resolve()
+    for name, inp in inputs.items():
+        if inp is None:
+            continue
+        src = Path(inp).resolve()
+        if out == src:
+            why = "is"
+        elif out in src.parents:
+            why = "contains"
+        elif src in out.parents:
+            why = "lies inside"
+        else:
+            continue
+        raise ConversionError(f"{out}: the output directory {why} the input {src} (--{name.replace('_', '-')}); "
+                              "replacing it would delete the model being converted. Choose an --out outside it")
+
+
 def _is_ignorable_hf(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")  # buffers some old checkpoints saved
 
@@ -193,6 +213,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp
     from megatron.core import dist_checkpointing
 
     hf_dir = Path(hf_dir)
+    check_output_apart(out_dir, hf_dir=hf_dir)
     cfg = ModelConfig.from_hf_dir(hf_dir)
     T.validate_parallel_layout(cfg, tp, pp)
     cast = _DTYPES[dtype] if dtype else None
@@ -280,6 +301,7 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_config_di
     from the HF files stored with the checkpoint, else it is generated from the model config.
     """
     mcore_dir = Path(mcore_dir)
+    check_output_apart(out_dir, mcore_dir=mcore_dir, hf_config=hf_config_dir)
     cfg = read_model_config(mcore_dir)
     cast = _DTYPES[dtype] if dtype else None
     assets_src = mcore_dir / HF_ASSETS_DIR
