@@ -2,12 +2,20 @@
 
 Generation goes to one URL (the router when there are several engines); weight updates go
 to every engine, since a router does not fan weight updates out.
+
+API key: every request carries `Authorization: Bearer $ERPO_ENGINE_API_KEY` when that
+variable is set (the Slurm launcher sets a per-job key and starts SGLang, the router and
+embedded engines with it). Engines this pool starts itself get that key, or a fresh random
+one per run when none is set, so a started engine is never open to anyone who can reach
+its port. Each engine's TP size (ranks in the weight-update group) is read from its server
+info, for external engines too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from erpo_mega.parallel.dist import free_port
@@ -17,6 +25,8 @@ from erpo_mega.run_config import RolloutSection
 from erpo_mega.weights.transport import DistributedWeightSender, PushReport, push_weights
 
 log = logging.getLogger(__name__)
+
+API_KEY_ENV = "ERPO_ENGINE_API_KEY"
 
 
 class EnginePool:
@@ -29,12 +39,14 @@ class EnginePool:
         self.engines: list[SGLangClient] = []
         self.generate_client: SGLangClient | None = None
         self._sender: DistributedWeightSender | None = None
+        self.api_key: str | None = os.environ.get(API_KEY_ENV) or None
 
     def _port(self, i: int) -> int:
         return self.cfg.base_port + i if self.cfg.base_port else free_port()
 
     def _client(self, url: str) -> SGLangClient:
-        return SGLangClient(url, timeout=self.cfg.request_timeout_s, max_concurrency=self.cfg.max_concurrency)
+        return SGLangClient(url, timeout=self.cfg.request_timeout_s, max_concurrency=self.cfg.max_concurrency,
+                            api_key=self.api_key)
 
     def start(self, model_dir: Path) -> EnginePool:
         """Start (or connect to) the engines; `model_dir` is an HF dir of the current weights."""
@@ -45,14 +57,16 @@ class EnginePool:
             if cfg.engine == "external":
                 urls = list(cfg.engine_urls)
             else:
+                self.api_key = self.api_key or secrets.token_urlsafe(24)
                 for i in range(cfg.num_engines):
                     port = self._port(i)
                     if cfg.engine == "embedded":
                         h = launch_embedded_server(model_dir, cfg.host, port, log_path=logs / f"engine{i}.log",
-                                                   random_seed=self.seed, timeout=300.0)
+                                                   random_seed=self.seed, timeout=300.0, api_key=self.api_key)
                     else:
                         h = launch_sglang_server(model_dir, cfg.host, port, tp=cfg.engine_tp,
-                                                 log_path=logs / f"engine{i}.log", timeout=1800.0)
+                                                 log_path=logs / f"engine{i}.log", timeout=1800.0,
+                                                 api_key=self.api_key)
                     self.handles.append(h)
                 urls = [h.url for h in self.handles]
             self.engines = [self._client(u) for u in urls]
@@ -61,7 +75,7 @@ class EnginePool:
             gen_url = cfg.router_url
             if gen_url is None and len(urls) > 1 and cfg.engine != "external":
                 self.router = launch_router(urls, self._port(cfg.num_engines), cfg.host,
-                                            log_path=logs / "router.log")
+                                            log_path=logs / "router.log", api_key=self.api_key)
                 gen_url = self.router.url
             self.generate_client = self._client(gen_url or urls[0])
         except BaseException:
@@ -76,6 +90,7 @@ class EnginePool:
         if method == "distributed" and self._sender is None:
             # The engines dial this address: on a cluster it must be routable from rollout nodes.
             addr = os.environ.get("ERPO_WEIGHT_SYNC_ADDR") or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+            # group sizes from each engine's tp_size; NCCL when this rank has a GPU, else gloo
             self._sender = DistributedWeightSender(self.engines, addr, free_port()).connect()
         return push_weights(named_tensors, self.engines, method=method, bucket_bytes=bucket,
                             weight_version=weight_version, disk_dir=self.run_dir / "engine_weights",

@@ -5,6 +5,12 @@ server may be starting or briefly overloaded); HTTP 4xx raise at once with the s
 message (retrying a bad request cannot help); a read timeout raises at once (the request may
 still be running server-side). Calls whose retry would desynchronise a collective
 (`init_weights_update_group`, `update_weights_from_distributed`) are never retried.
+
+A refused weight operation is `WeightUpdateError` whichever way the server says it: SGLang
+0.5.23 answers HTTP 400 with `{"success": false, "message": ...}`, older servers 200 with
+`success: false`. With `api_key` every request carries `Authorization: Bearer <key>`, as
+SGLang's `--api-key`, the router and the embedded engine expect; HTTP 401/403 raise
+`EngineError` naming the key as the likely cause.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ class WeightUpdateError(EngineError):
 
 class SGLangClient:
     def __init__(self, base_url: str, timeout: float = 600.0, max_retries: int = 3, backoff: float = 0.5,
-                 max_concurrency: int = 32):
+                 max_concurrency: int = 32, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key or None
+        self._server_info: dict | None = None
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -53,6 +61,8 @@ class SGLangClient:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
+            if self.api_key:
+                s.headers["Authorization"] = f"Bearer {self.api_key}"
         return s
 
     def request(self, method: str, path: str, body: dict | None = None, *, retries: int | None = None,
@@ -77,7 +87,14 @@ class SGLangClient:
             if resp.status_code >= 500:
                 last = f"HTTP {resp.status_code}: {_server_message(resp)}"
                 continue
+            if resp.status_code in (401, 403):
+                hint = "wrong api key" if self.api_key else "the server requires an api key (none given)"
+                raise EngineError(url, f"HTTP {resp.status_code} ({hint}): {_server_message(resp)}",
+                                  resp.status_code)
             if resp.status_code >= 400:
+                data = _json_or_none(resp)
+                if isinstance(data, dict) and data.get("success") is False:
+                    raise WeightUpdateError(url, str(data.get("message", "success: false")), resp.status_code)
                 raise EngineError(url, f"HTTP {resp.status_code}: {_server_message(resp)}", resp.status_code)
             ctype = resp.headers.get("Content-Type", "")
             if "json" in ctype and resp.content:
@@ -149,7 +166,34 @@ class SGLangClient:
         return self.request("GET", "/model_info")
 
     def server_info(self) -> dict:
+        """SGLang's `/server_info` (0.5.23), falling back to the older `/get_server_info`."""
+        try:
+            return self.request("GET", "/server_info")
+        except EngineError as e:
+            if e.status != 404:
+                raise
         return self.request("GET", "/get_server_info")
+
+    def engine_tp_size(self) -> int:
+        """This engine's tensor-parallel size (ranks it adds to a weight group), from server info.
+
+        Cached: a running server's layout does not change. Refuses `dp_size > 1`, which SGLang
+        refuses for every weight update (one server per ENGINE_TP GPUs, behind a router, instead).
+        """
+        if self._server_info is None:
+            info = self.server_info()
+            if not isinstance(info, dict) or "tp_size" not in info:
+                raise EngineError(self.base_url, "server info has no tp_size; cannot size the weight-update group")
+            self._server_info = info
+        info = self._server_info
+        dp = int(info.get("dp_size") or 1)
+        if dp != 1:
+            raise WeightUpdateError(self.base_url, f"dp_size={dp}: SGLang refuses weight updates unless "
+                                    "dp_size == 1; run one server per ENGINE_TP GPUs behind a router")
+        tp = int(info["tp_size"])
+        if tp < 1:
+            raise EngineError(self.base_url, f"server info reports tp_size={tp}")
+        return tp
 
     def flush_cache(self):
         return self._post("/flush_cache")
@@ -240,6 +284,13 @@ def _drop_none(**kw) -> dict:
 def _short(e: Exception, limit: int = 200) -> str:
     s = str(e)
     return s if len(s) <= limit else s[:limit] + "..."
+
+
+def _json_or_none(resp: requests.Response):
+    try:
+        return resp.json()
+    except ValueError:
+        return None
 
 
 def _server_message(resp: requests.Response) -> str:

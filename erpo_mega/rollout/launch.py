@@ -2,6 +2,12 @@
 
 Each launcher returns a `ServerHandle` that waits for `/health`, exposes a ready
 `SGLangClient`, and stops its process (SIGTERM, then SIGKILL) on `close()` or `with` exit.
+
+`api_key`: the server requires `Authorization: Bearer <key>` (SGLang's `--api-key`; for the
+embedded engine it travels in the environment, ERPO_ENGINE_API_KEY, not on the command line);
+the handle's `client()` sends it. SGLang's command uses `--tp-size` (not an abbreviation) and
+dp 1 (SGLang refuses weight updates otherwise); `deterministic=True` adds
+`--enable-deterministic-inference`, without which SGLang ignores `sampling_seed`.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ class ServerHandle:
     command: list[str]
     log_path: Path | None = None
     _log_file: object = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)
 
     def client(self, **kw) -> SGLangClient:
+        kw.setdefault("api_key", self.api_key)
         return SGLangClient(self.url, **kw)
 
     def wait_healthy(self, timeout: float = 120.0) -> ServerHandle:
@@ -67,12 +75,13 @@ class ServerHandle:
         self.close()
 
 
-def _spawn(cmd: list[str], url: str, log_path: str | Path | None, env: dict | None) -> ServerHandle:
+def _spawn(cmd: list[str], url: str, log_path: str | Path | None, env: dict | None,
+           api_key: str | None = None) -> ServerHandle:
     log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (owned by handle)
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
     return ServerHandle(url, proc, cmd, Path(log_path) if log_path else None,
-                        log_file if log_path else None)
+                        log_file if log_path else None, api_key)
 
 
 def embedded_server_command(model_path: str | Path, host: str = "127.0.0.1", port: int = 30000,
@@ -93,10 +102,11 @@ def embedded_server_command(model_path: str | Path, host: str = "127.0.0.1", por
 
 def launch_embedded_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 30000, *,
                            wait: bool = True, timeout: float = 120.0, log_path: str | Path | None = None,
-                           env: dict | None = None, **kw) -> ServerHandle:
+                           env: dict | None = None, api_key: str | None = None, **kw) -> ServerHandle:
     """`python -m erpo_mega.rollout.serve ...` in a subprocess; waits for /health by default."""
     cmd = embedded_server_command(model_path, host, port, **kw)
-    handle = _spawn(cmd, f"http://{host}:{port}", log_path, env)
+    env = {**(env or {}), **({"ERPO_ENGINE_API_KEY": api_key} if api_key else {})}
+    handle = _spawn(cmd, f"http://{host}:{port}", log_path, env, api_key)
     return handle.wait_healthy(timeout) if wait else handle
 
 
@@ -104,10 +114,16 @@ def sglang_server_command(model_path: str | Path, host: str = "127.0.0.1", port:
                           enable_memory_saver: bool = False, dtype: str | None = None,
                           mem_fraction_static: float | None = None, random_seed: int | None = None,
                           skip_tokenizer_init: bool = False, log_level: str | None = None,
+                          api_key: str | None = None, deterministic: bool = False,
                           extra_args: Sequence[str] = ()) -> list[str]:
-    """The real `python -m sglang.launch_server` command line for GPU nodes."""
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--tp", str(tp),
+    """The real `python -m sglang.launch_server` command line for GPU nodes (checked with
+    SGLang's own parser in tests/rollout/test_sglang_wire.py)."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--tp-size", str(tp),
            "--host", host, "--port", str(port)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    if deterministic:
+        cmd.append("--enable-deterministic-inference")
     if enable_memory_saver:
         cmd.append("--enable-memory-saver")
     if dtype:
@@ -132,26 +148,28 @@ def launch_sglang_server(model_path: str | Path, host: str = "127.0.0.1", port: 
         raise RuntimeError("sglang is not installed (pip install 'erpo-mega[sglang]' on a GPU node); "
                            "use launch_embedded_server on CPU") from None
     cmd = sglang_server_command(model_path, host, port, **kw)
-    handle = _spawn(cmd, f"http://{host}:{port}", log_path, env)
+    handle = _spawn(cmd, f"http://{host}:{port}", log_path, env, kw.get("api_key"))
     return handle.wait_healthy(timeout) if wait else handle
 
 
 def router_command(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1",
-                   policy: str = "round_robin", extra_args: Sequence[str] = ()) -> list[str]:
+                   policy: str = "round_robin", extra_args: Sequence[str] = (),
+                   api_key: str | None = None) -> list[str]:
+    key = ["--api-key", api_key] if api_key else []
     return [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-            "--worker-urls", *worker_urls, "--policy", policy, *extra_args]
+            "--worker-urls", *worker_urls, "--policy", policy, *key, *extra_args]
 
 
 def launch_router(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1", *,
                   policy: str = "round_robin", wait: bool = True, timeout: float = 60.0,
                   log_path: str | Path | None = None, prometheus_port: int | None = None,
-                  extra_args: Sequence[str] = ()) -> ServerHandle:
+                  extra_args: Sequence[str] = (), api_key: str | None = None) -> ServerHandle:
     """sglang-router in front of running workers (their /health must already answer).
 
     The router also serves Prometheus metrics, on port 29000 unless told otherwise; a free
     port is chosen here so two routers (or a stale one) on a host do not collide.
     """
     metrics = ["--prometheus-host", host, "--prometheus-port", str(prometheus_port or free_port(host))]
-    cmd = router_command(worker_urls, port, host, policy, [*metrics, *extra_args])
-    handle = _spawn(cmd, f"http://{host}:{port}", log_path, None)
+    cmd = router_command(worker_urls, port, host, policy, [*metrics, *extra_args], api_key=api_key)
+    handle = _spawn(cmd, f"http://{host}:{port}", log_path, None, api_key)
     return handle.wait_healthy(timeout) if wait else handle

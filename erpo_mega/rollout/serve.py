@@ -2,12 +2,17 @@
 
 The same command line (model path, host, port, tp, dtype, memory saver, seed) starts either
 server, so launch scripts only swap the module name between CPU CI and GPU nodes.
+
+`--api-key KEY` (or the environment variable ERPO_ENGINE_API_KEY, which keeps the key out of
+`ps`) makes every endpoint but /health* require `Authorization: Bearer KEY`, as SGLang's
+`--api-key` does. The default bind address is loopback; bind a cluster address explicitly.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $ERPO_ENGINE_API_KEY, else no key)")
+    p.add_argument("--weight-update-timeout", type=float, default=None,
+                   help="seconds a begin_weight_update session may stay open before it is closed "
+                        "and generation resumes (default: the engine's)")
     return p
 
 
@@ -47,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(args.model_path, dtype=args.dtype, random_seed=args.random_seed,
                     max_batch_size=args.max_running_requests, skip_tokenizer_init=args.skip_tokenizer_init,
                     enable_memory_saver=args.enable_memory_saver, tokenizer_path=args.tokenizer_path)
-    server = EngineHTTPServer(engine, args.host, args.port)
+    api_key = args.api_key or os.environ.get("ERPO_ENGINE_API_KEY") or None
+    if args.weight_update_timeout is not None:
+        if args.weight_update_timeout <= 0:
+            print("error: --weight-update-timeout must be > 0", file=sys.stderr)
+            return 2
+        engine.session_timeout_s = args.weight_update_timeout
+    server = EngineHTTPServer(engine, args.host, args.port, api_key=api_key)
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import requests
 import torch
 
 from erpo_mega.parallel.dist import free_port
@@ -132,10 +133,15 @@ def test_validation_errors_are_400_with_field_names(client):
 
 
 def test_weight_ops_outside_session_fail_like_sglang(client):
-    out = client._post("/update_weights_from_tensor", {"serialized_named_tensors": ["AAAA"]})
-    assert out["success"] is False and "begin_weight_update" in out["message"]
-    out = client._post("/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
-    assert out["success"] is False and "begin_weight_update" in out["message"]
+    # SGLang 0.5.23: HTTP 400 with {"success": false, "message"} -> WeightUpdateError
+    for path, body in (("/update_weights_from_tensor", {"serialized_named_tensors": ["AAAA"]}),
+                       ("/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})):
+        resp = requests.post(client.base_url + path, json=body, timeout=10)
+        assert resp.status_code == 400
+        assert resp.json()["success"] is False and "begin_weight_update" in resp.json()["message"]
+        with pytest.raises(WeightUpdateError, match="begin_weight_update") as info:
+            client._post(path, body)
+        assert info.value.status == 400
     with pytest.raises(WeightUpdateError, match="no weight-update session"):
         client.end_weight_update()
 

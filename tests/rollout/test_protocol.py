@@ -15,6 +15,7 @@ from erpo_mega.rollout.protocol import (
     parse_sampling_params,
 )
 from erpo_mega.rollout.tensor_wire import (
+    align_order,
     bucket_layout,
     deserialize_named_tensors,
     flatten_bucket,
@@ -73,16 +74,21 @@ def test_generate_output_from_sglang_json():
     assert out.finish_type == "stop" and out.weight_version == "7"
 
 
-def test_bucket_layout_aligns_offsets_to_element_size():
-    metas, total = bucket_layout(["a", "b", "c"], [torch.uint8, torch.float32, torch.bfloat16],
-                                 [[3], [2, 2], [1]])
-    # a: bytes 0-3; b must start at a multiple of 4 -> 4..20; c (2-byte) 20..22
-    assert [(m.start_idx, m.end_idx) for m in metas] == [(0, 3), (4, 20), (20, 22)]
-    assert total == 22
+def test_bucket_layout_is_contiguous_and_refuses_unaligned_offsets():
+    # SGLang's layout: packed in names order, no padding. float32 (2,2): bytes 0-16;
+    # bf16 [1]: 16-18; uint8 [3]: 18-21 (the order align_order produces)
+    metas, total = bucket_layout(["b", "c", "a"], [torch.float32, torch.bfloat16, torch.uint8],
+                                 [[2, 2], [1], [3]])
+    assert [(m.start_idx, m.end_idx, m.numel) for m in metas] == [(0, 16, 16), (16, 18, 2), (18, 21, 3)]
+    assert total == 21
+    with pytest.raises(ValueError, match="unaligned tensor 'b'.*byte offset 3"):
+        bucket_layout(["a", "b"], [torch.uint8, torch.float32], [[3], [2]])
+    named = [("a", torch.zeros(3, dtype=torch.uint8)), ("b", torch.zeros(2)), ("c", torch.zeros(1, dtype=torch.bfloat16))]
+    assert [n for n, _ in align_order(named)] == ["b", "c", "a"]
 
 
 def test_flatten_roundtrip_mixed_dtypes_through_forking_pickler():
-    named = [("w", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("i", torch.arange(3))]
+    named = align_order([("w", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("i", torch.arange(3))])
     flat, metas = flatten_bucket(named)
     payload = serialize_named_tensors({"flattened_tensor": flat, "metadata": metas})
     back = deserialize_named_tensors(payload)

@@ -1,10 +1,14 @@
 """The embedded engine's state machine: requests, batching, weight updates, memory release.
 
-One worker thread runs generation batches; HTTP handler threads call the methods here.
-`model_lock` serialises batches and weight loads, so a weight update waits for the running
-batch (or aborts it first when `abort_all_requests` is set), as SGLang does. Generation is
-held (queued, not refused) while paused or while a begin/end weight-update session is open,
-so no completion ever mixes two weight versions.
+One worker thread runs continuous batching (`runner.BatchRunner`): every step it admits
+queued sequences up to `max_batch_size` (`--max-running-requests`, counted in sequences, so
+one request with a large `n` is admitted in parts) and decodes one token for all running
+ones; a request is answered as soon as its own sequences finish. HTTP handler threads call
+the methods here. The worker holds `model_lock` for as long as any sequence runs; a weight
+update waits for that lock, and while anyone waits for it no new sequence is admitted, so the
+running ones drain (or end at once when `abort_all_requests` is set), as SGLang does, and no
+completion ever mixes two weight versions. Generation is held (queued, not refused) while
+paused or while a begin/end weight-update session is open.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,8 +25,9 @@ import torch
 from erpo_mega.models.hf_io import ConversionError
 from erpo_mega.models.torch_llm import TorchLLM, iter_hf_safetensors
 from erpo_mega.rollout import protocol as P
-from erpo_mega.rollout.engine.runner import Sequence, run_batch
+from erpo_mega.rollout.engine.runner import BatchRunner, Sequence
 from erpo_mega.rollout.tensor_wire import (
+    UnsafePayloadError,
     WeightGroup,
     bucket_layout,
     deserialize_named_tensors,
@@ -38,10 +44,57 @@ class EngineUnavailable(RuntimeError):
 
 
 class _Pending:
+    """One /generate call: done when all of its sequences have finished."""
+
     def __init__(self, seqs: list[Sequence]):
         self.seqs = seqs
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self._left = len(seqs)
+        self._lock = threading.Lock()
+        for s in seqs:
+            s.on_finish = self._one_finished
+
+    def _one_finished(self, seq: Sequence) -> None:
+        with self._lock:
+            if seq.error is not None:
+                self.error = seq.error
+            self._left -= 1
+            if self._left == 0:
+                self.done.set()
+
+
+class _ModelLock:
+    """A re-entrant lock that counts who waits for it.
+
+    The generation worker holds it while sequences run; weight operations take it with
+    `with`. A waiting weight operation stops admission (`waiting > 0`), so the running batch
+    drains and the update cannot starve behind a stream of new requests.
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def __enter__(self):
+        with self._count:
+            self.waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count:
+                self.waiting -= 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def acquire(self) -> None:  # the worker: does not count as a waiter
+        self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 class Engine:
@@ -60,12 +113,16 @@ class Engine:
         self.ready = threading.Event()
         self.weight_version = "default"
         self._seed_rng = torch.Generator().manual_seed(random_seed)
-        self.model_lock = threading.RLock()
+        self.model_lock = _ModelLock()
         self._cv = threading.Condition()
-        self._queue: list[_Pending] = []
+        self._queue: list[Sequence] = []
         self._running: list[Sequence] = []
         self._paused = False
         self._in_session = False
+        # A begin_weight_update session holds generation; one nobody ends (a crashed trainer,
+        # a stranger) is closed after this many idle seconds so generation resumes.
+        self.session_timeout_s = 300.0
+        self._session_timer: threading.Timer | None = None
         self._released: set[str] = set()
         self._groups: dict[str, WeightGroup] = {}
         self.requests_total = 0
@@ -90,7 +147,9 @@ class Engine:
             self._cv.notify_all()
 
     # --- generation ---------------------------------------------------------------------------
-    def generate(self, body: dict) -> dict | list[dict]:
+    def generate(self, body: dict, disconnected: Callable[[], bool] | None = None) -> dict | list[dict]:
+        """Queue the request's sequences and wait for them; `disconnected()` (polled while
+        waiting) True aborts them, so a client that hung up frees its batch rows."""
         req = P.parse(P.GenerateReqInput, body, "generate")
         if self._released:
             raise EngineUnavailable(f"memory released ({sorted(self._released)}); "
@@ -99,9 +158,16 @@ class Engine:
         pending = _Pending(seqs)
         self.requests_total += 1
         with self._cv:
-            self._queue.append(pending)
+            self._queue.extend(seqs)
             self._cv.notify_all()
-        pending.done.wait()
+        while not pending.done.wait(0.25):
+            if disconnected is not None and disconnected():
+                for s in seqs:
+                    s.abort_message = "Aborted: client disconnected"
+                    s.abort.set()
+                with self._cv:
+                    self._cv.notify_all()
+                disconnected = None
         if pending.error is not None:
             raise pending.error
         outs = [self._output(s) for s in seqs]
@@ -180,7 +246,7 @@ class Engine:
         meta = {
             "id": s.rid, "finish_reason": s.finish_reason, "prompt_tokens": len(s.prompt_ids),
             "completion_tokens": len(s.output_ids), "cached_tokens": 0,
-            "weight_version": self.weight_version,
+            "weight_version": s.weight_version or self.weight_version,
         }
         if s.return_logprob:
             tok_text = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
@@ -195,35 +261,48 @@ class Engine:
         return self._paused or self._in_session
 
     def _loop(self) -> None:
+        runner = BatchRunner(self.model)
+        holding = False  # the worker holds model_lock while any sequence runs
         while True:
             with self._cv:
-                while not self._stop and (not self._queue or self._generation_blocked()):
-                    self._cv.wait()
+                while not self._stop and not self._can_admit() and \
+                        (not runner.active or self._paused):
+                    self._cv.wait(0.05 if self._queue else None)
                 if self._stop:
                     return
-                batch, n = [], 0
-                while self._queue and (not batch or n + len(self._queue[0].seqs) <= self.max_batch_size):
-                    p = self._queue.pop(0)
-                    batch.append(p)
-                    n += len(p.seqs)
-                self._running = [s for p in batch for s in p.seqs]
+                admit: list[Sequence] = []
+                if self._can_admit():
+                    room = self.max_batch_size - runner.active
+                    admit, self._queue = self._queue[:room], self._queue[room:]
+                self._running = runner.seqs + admit
+            if not holding:
+                self.model_lock.acquire()
+                holding = True
+            finished: list[Sequence] = []
             try:
-                with self.model_lock:
-                    run_batch(self.model, self._running, self._wait_if_paused)
-            except BaseException as e:  # surfaced to every waiting request as HTTP 500
-                log.exception("generation batch failed")
-                for p in batch:
-                    p.error = e
-            finally:
-                with self._cv:
-                    self._running = []
-                for p in batch:
-                    p.done.set()
+                for s in admit:
+                    s.weight_version = self.weight_version
+                finished = runner.admit(admit)
+                finished += runner.step()
+            except BaseException as e:  # surfaced to every affected request as HTTP 500
+                log.exception("generation step failed")
+                affected = {id(s): s for s in [*runner.abort_all({"type": "abort", "message": str(e)}), *admit]}
+                finished = list(affected.values())
+                for s in finished:
+                    s.error = e
+            for s in finished:
+                if s.on_finish is not None:
+                    s.on_finish(s)
+            with self._cv:
+                self._running = list(runner.seqs)
+            if not runner.active:
+                self.model_lock.release()
+                holding = False
 
-    def _wait_if_paused(self) -> None:
-        with self._cv:
-            while self._paused and not self._stop:
-                self._cv.wait()
+    def _can_admit(self) -> bool:
+        """New sequences may join: queued work, room, not paused/in a session, no weight op waiting."""
+        return bool(self._queue) and not self._generation_blocked() and \
+            self.model_lock.waiting == 0 and len(self._running) < self.max_batch_size
 
     def abort(self, body: dict) -> dict:
         req = P.parse(P.AbortReq, body, "abort_request")
@@ -231,7 +310,7 @@ class Engine:
 
     def _abort(self, rid: str | None, message: str = "Aborted by request") -> int:
         with self._cv:
-            seqs = list(self._running) + [s for p in self._queue for s in p.seqs]
+            seqs = list(self._running) + list(self._queue)
         hit = 0
         for s in seqs:
             if rid is None or s.rid == rid or s.rid.startswith(f"{rid}-"):
@@ -299,14 +378,17 @@ class Engine:
             return err
         if not req.serialized_named_tensors:
             raise P.ProtocolError("serialized_named_tensors: empty list (one entry per TP rank expected)")
+        self._touch_session()
         try:
+            # Decode and check the payload before anything else happens (no abort, no copy):
+            # a refused payload leaves the engine exactly as it was. This engine is TP rank 0.
+            named = _named_tensors_from_payload(
+                deserialize_named_tensors(req.serialized_named_tensors[0]), req.load_format)
             self._prepare_update(req.abort_all_requests)
-            obj = deserialize_named_tensors(req.serialized_named_tensors[0])  # this engine is TP rank 0
-            if req.load_format == "flattened_bucket":
-                named = unflatten_bucket(obj["flattened_tensor"], obj["metadata"])
-            else:
-                named = list(obj)
             msg = self._commit(named, req.weight_version)
+        except UnsafePayloadError as e:
+            log.warning("update_weights_from_tensor refused: %s", e)
+            return {"success": False, "message": f"Failed to update weights from tensor: {e}"}
         except (KeyError, ValueError, TypeError, RuntimeError, EngineUnavailable) as e:
             return {"success": False, "message": f"Failed to update weights from tensor: {e}"}
         return {"success": True, "message": msg}
@@ -332,14 +414,17 @@ class Engine:
         if pg is None:
             return {"success": False, "message": f"no weight-update group {req.group_name!r}; "
                     "call /init_weights_update_group first"}
+        self._touch_session()
         try:
             dtypes = [dtype_from_name(d) for d in req.dtypes]
+            # as SGLang: refuse (before receiving) a layout it cannot view in place
+            layout = bucket_layout(req.names, dtypes, req.shapes) if req.load_format == "flattened_bucket" else None
         except ValueError as e:
-            return {"success": False, "message": f"dtypes: {e}"}
+            return {"success": False, "message": f"Failed to update weights from distributed: {e}"}
         device = self.model.lm_head.weight.device if pg.backend == "nccl" else "cpu"
         # Receive everything before validating: a sender mid-broadcast must never hang.
-        if req.load_format == "flattened_bucket":
-            metas, total = bucket_layout(req.names, dtypes, req.shapes)
+        if layout is not None:
+            metas, total = layout
             flat = torch.empty(total, dtype=torch.uint8, device=device)
             pg.broadcast(flat)
             named = unflatten_bucket(flat, metas)
@@ -369,6 +454,7 @@ class Engine:
             if self._in_session:
                 return {"success": False, "message": "a weight-update session is already open"}
             self._in_session = True
+        self._touch_session()
         with self.model_lock:  # wait for the running batch: no completion spans two versions
             pass
         return {"success": True, "message": "weight-update session open"}
@@ -378,9 +464,34 @@ class Engine:
         with self._cv:
             if not self._in_session:
                 return {"success": False, "message": "no weight-update session is open"}
-            self._in_session = False
-            self._cv.notify_all()
+            self._close_session()
         return {"success": True, "message": "weight-update session closed"}
+
+    def _touch_session(self) -> None:
+        """(Re)arm the idle timer of the open session: every weight operation extends it."""
+        with self._cv:
+            if not self._in_session:
+                return
+            if self._session_timer is not None:
+                self._session_timer.cancel()
+            timer = threading.Timer(self.session_timeout_s, self._expire_session)
+            timer.daemon = True
+            self._session_timer = timer
+            timer.start()
+
+    def _close_session(self) -> None:  # under self._cv
+        self._in_session = False
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
+        self._cv.notify_all()
+
+    def _expire_session(self) -> None:
+        with self._cv:
+            if self._in_session and self._session_timer is threading.current_thread():
+                log.warning("weight-update session idle for %.0fs: closed, generation resumes",
+                            self.session_timeout_s)
+                self._close_session()
 
     def get_weights_by_name(self, body: dict):
         req = P.parse(P.GetWeightsByNameReqInput, body, "get_weights_by_name")
@@ -439,10 +550,26 @@ class Engine:
 
     def server_info(self) -> dict:
         return {"model_path": self.model_path, "dtype": str(self.dtype).removeprefix("torch."), "tp_size": 1,
+                "dp_size": 1,
                 "weight_version": self.weight_version, "max_batch_size": self.max_batch_size,
                 "engine": "erpo_mega.embedded", "requests_total": self.requests_total,
                 "enable_memory_saver": self.enable_memory_saver,
                 "time": time.time()}
+
+
+def _named_tensors_from_payload(obj, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """A deserialized `serialized_named_tensors` entry -> [(name, tensor)], structure-checked."""
+    if load_format == "flattened_bucket":
+        if not isinstance(obj, dict) or "flattened_tensor" not in obj or "metadata" not in obj:
+            raise ValueError("flattened_bucket payload must be {'flattened_tensor': ..., 'metadata': [...]}")
+        return unflatten_bucket(obj["flattened_tensor"], list(obj["metadata"]))
+    if load_format not in (None, "direct"):
+        raise ValueError(f"load_format {load_format!r} is not supported (null, 'direct', 'flattened_bucket')")
+    if not isinstance(obj, (list, tuple)) or not all(
+            isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+            for x in obj):
+        raise ValueError("payload must be a list of (name, tensor) pairs")
+    return [(n, t) for n, t in obj]
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -1,7 +1,9 @@
 """SGLang's HTTP endpoints over the stdlib ThreadingHTTPServer, backed by an `Engine`.
 
-Status codes follow SGLang: 200 with `success: false` for refused weight operations,
-400 `{"error": {"message": ...}}` for invalid requests, 503 on /health while loading.
+Status codes follow SGLang 0.5.23: a refused weight operation is HTTP 400 with
+`{"success": false, "message": ...}`, an invalid request 400 `{"error": {"message": ...}}`,
+/health 503 while loading, and with `api_key` set a request without the right
+`Authorization: Bearer` header 401 `{"error": "Unauthorized"}` before its body is read.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from erpo_mega.rollout.engine.auth import request_allowed
 from erpo_mega.rollout.engine.engine import Engine, EngineUnavailable
 from erpo_mega.rollout.protocol import ProtocolError
 
@@ -69,6 +72,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         engine = self.server.engine
         path = self.path.split("?", 1)[0]
+        if not request_allowed(method, path, self.headers.get("Authorization"), self.server.api_key):
+            self.close_connection = True  # the body is not read: do not reuse the stream
+            return self._send(401, {"error": "Unauthorized"})
         try:
             body = self._body()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -107,13 +113,15 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a server bug, not the caller's: 500 keeps the message
             log.exception("%s failed", path)
             return self._error(500, f"{type(e).__name__}: {e}")
-        self._send(200, result)
+        refused = isinstance(result, dict) and result.get("success") is False
+        self._send(400 if refused else 200, result)
 
 
 class EngineHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, engine: Engine, host: str, port: int):
+    def __init__(self, engine: Engine, host: str, port: int, api_key: str | None = None):
         self.engine = engine
+        self.api_key = api_key or None
         super().__init__((host, port), _Handler)
