@@ -1,7 +1,12 @@
-"""Static-batch generation with a KV cache: prefill a left-padded batch, then decode.
+"""Continuous batching over a slot KV cache: sequences join and leave the batch every step.
 
-Pure model + sampling; knows nothing of HTTP. Finished sequences leave the batch (their
-cache rows are dropped), so a long completion does not make short ones pay for padding.
+Pure model + sampling; knows nothing of HTTP or of the request queue (the engine's worker
+decides who joins). Each step:
+  * `admit(new)`: prefill the new sequences' prompts into free slots. Sequences with the same
+    prompt (a GRPO group's `n` samples, or equal prompts from separate requests) prefill it
+    once; the others copy its cached keys/values. Each draws its first token.
+  * `step()`: one decode step for every running sequence, one batched sampling call.
+  * finished sequences leave at once (`SlotKVCache.remove` moves one slot, not the batch).
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from erpo_mega.models.torch_llm import TorchLLM
-from erpo_mega.rollout.engine.sampling import choose_token
+from erpo_mega.models.torch_llm import SlotKVCache, TorchLLM
+from erpo_mega.rollout.engine.sampling import sample_batch
 from erpo_mega.rollout.protocol import SamplingParams
+
+_UNIFORM_CHUNK = 64
 
 
 @dataclass
@@ -37,6 +44,23 @@ class Sequence:
     finish_reason: dict | None = None
     abort: threading.Event = field(default_factory=threading.Event)
     abort_message: str = "Aborted by request"
+    weight_version: str | None = None        # the weights this completion was generated with
+    on_finish: Callable[[Sequence], None] | None = None
+    error: BaseException | None = None       # set when a failed step ended this sequence
+    _uniforms: list[float] = field(default_factory=list)
+
+    def next_uniform(self) -> float:
+        """This sequence's next draw in [0, 1): one per token, from its own generator, in chunks."""
+        if not self._uniforms:
+            self._uniforms = torch.rand(_UNIFORM_CHUNK, generator=self.generator, dtype=torch.float64).tolist()
+            self._uniforms.reverse()
+        return self._uniforms.pop()
+
+    def banned(self) -> list[int]:
+        """min_new_tokens: stop tokens may not be drawn before that many tokens exist."""
+        if len(self.output_ids) < self.params.min_new_tokens:
+            return sorted(self.stop_ids)
+        return []
 
     def check_stop(self, token: int) -> None:
         if token in self.stop_ids:
@@ -50,65 +74,133 @@ class Sequence:
         if self.finish_reason is None and len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = {"type": "length", "length": self.max_new_tokens}
 
+    def check_abort(self) -> None:
+        if self.finish_reason is None and self.abort.is_set():
+            self.finish_reason = {"type": "abort", "message": self.abort_message}
 
-def _banned(seq: Sequence) -> list[int]:
-    """min_new_tokens: stop tokens may not be drawn before that many tokens exist."""
-    if len(seq.output_ids) < seq.params.min_new_tokens:
-        return sorted(seq.stop_ids)
-    return []
+    def finish_early(self) -> bool:
+        """Aborted before it started, or nothing to generate: finishes without a slot."""
+        if self.abort.is_set():
+            self.finish_reason = {"type": "abort", "message": self.abort_message}
+        elif self.max_new_tokens == 0:
+            self.finish_reason = {"type": "length", "length": 0}
+        return self.finish_reason is not None
+
+    def capacity(self) -> int:
+        return len(self.prompt_ids) + self.max_new_tokens
 
 
-@torch.no_grad()
-def run_batch(model: TorchLLM, seqs: list[Sequence], wait_if_paused: Callable[[], None] = lambda: None) -> None:
-    """Generate every sequence to completion (fills output_ids, logprobs, finish_reason)."""
-    live = [s for s in seqs if not _finish_early(s)]
-    if not live:
-        return
-    device = model.lm_head.weight.device
-    width = max(len(s.prompt_ids) for s in live)
-    ids = torch.zeros(len(live), width, dtype=torch.long)
-    mask = torch.zeros(len(live), width, dtype=torch.bool)
-    for i, s in enumerate(live):
-        ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-        mask[i, width - len(s.prompt_ids):] = True
-    cache = model.new_cache(len(live), width + max(s.max_new_tokens for s in live))
-    logits = model(ids.to(device), mask.to(device), cache)
-    for i, s in enumerate(live):
-        if s.return_logprob and s.logprob_start_len >= 0:
-            s.input_logprobs = _prompt_logprobs(logits[i, width - len(s.prompt_ids):], s)
-    last = logits[:, -1]
-    while live:
-        for i, s in enumerate(live):
-            token, lp = choose_token(last[i], s.params, s.output_ids, _banned(s), s.generator)
-            s.output_ids.append(token)
+class BatchRunner:
+    """The running batch: `seqs[i]` owns slot i of the cache. Not thread-safe (one worker)."""
+
+    def __init__(self, model: TorchLLM):
+        self.model = model
+        self.seqs: list[Sequence] = []
+        self.cache: SlotKVCache | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.seqs)
+
+    @torch.no_grad()
+    def admit(self, new: list[Sequence]) -> list[Sequence]:
+        """Prefill `new` into the batch and draw each one's first token; returns those finished."""
+        done = [s for s in new if s.finish_early()]
+        new = [s for s in new if s.finish_reason is None]
+        if not new:
+            return done
+        need = max(s.capacity() for s in self.seqs + new)
+        if self.cache is None:
+            self.cache = self.model.new_slot_cache(max(8, len(new)), max(64, need))
+        cache = self.cache
+        cache.reserve(cache.active + len(new), need)
+        first = cache.active
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, s in enumerate(new):
+            groups.setdefault(tuple(s.prompt_ids), []).append(j)
+        heads = [members[0] for members in groups.values()]
+        device = self.model.lm_head.weight.device
+        width = max(len(new[j].prompt_ids) for j in heads)
+        ids = torch.zeros(len(heads), width, dtype=torch.long)
+        for r, j in enumerate(heads):
+            ids[r, : len(new[j].prompt_ids)] = torch.tensor(new[j].prompt_ids)
+        lengths = torch.tensor([len(new[j].prompt_ids) for j in heads])
+        slots = torch.tensor([first + j for j in heads])
+        hidden = self.model.prefill_slots(ids.to(device), lengths.to(device), cache, slots.to(device))
+        last = self.model.lm_head(hidden[torch.arange(len(heads)), lengths.to(device) - 1]).float()
+        row_of = [0] * len(new)
+        for r, members in enumerate(groups.values()):
+            for j in members:
+                row_of[j] = r
+            if len(members) > 1:
+                cache.copy_slot(first + members[0], [first + j for j in members[1:]], len(new[members[0]].prompt_ids))
+            want = [new[j] for j in members if new[j].return_logprob and new[j].logprob_start_len >= 0]
+            if want:
+                n = len(new[members[0]].prompt_ids)
+                plps = torch.log_softmax(self.model.lm_head(hidden[r, :n]).float(), dim=-1)
+                for s in want:
+                    s.input_logprobs = _prompt_logprobs(plps, s)
+        cache.active += len(new)
+        self.seqs.extend(new)
+        self._sample(last[torch.tensor(row_of)], new)
+        return done + self._collect()
+
+    @torch.no_grad()
+    def step(self) -> list[Sequence]:
+        """One decode step for every running sequence; returns those that finished."""
+        if not self.seqs:
+            return []
+        device = self.model.lm_head.weight.device
+        tokens = torch.tensor([s.output_ids[-1] for s in self.seqs], device=device)
+        logits = self.model.decode_slots(tokens, self.cache)
+        self._sample(logits, self.seqs)
+        return self._collect()
+
+    def abort_all(self, reason: dict) -> list[Sequence]:
+        """Drop every running sequence (after a failed step); returns them."""
+        out = self.seqs
+        for s in out:
+            s.finish_reason = s.finish_reason or reason
+        self.seqs = []
+        if self.cache is not None:
+            self.cache.clear()
+        return out
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        params = [s.params for s in seqs]
+        uniforms = [0.0 if s.params.greedy else s.next_uniform() for s in seqs]
+        tokens, lps = sample_batch(logits.cpu(), params, uniforms, [s.output_ids for s in seqs],
+                                   [s.banned() for s in seqs])
+        for s, t, lp in zip(seqs, tokens, lps):
+            s.output_ids.append(t)
             s.output_logprobs.append(lp)
-            s.check_stop(token)
-        wait_if_paused()
-        for s in live:
-            if s.finish_reason is None and s.abort.is_set():
-                s.finish_reason = {"type": "abort", "message": s.abort_message}
-        keep = [i for i, s in enumerate(live) if s.finish_reason is None]
-        if not keep:
-            return
-        if len(keep) < len(live):
-            cache.select(torch.tensor(keep, device=device))
-            live = [live[i] for i in keep]
-        nxt = torch.tensor([[s.output_ids[-1]] for s in live], device=device)
-        last = model(nxt, None, cache)[:, -1]
+            s.check_stop(t)
+            s.check_abort()
+
+    def _collect(self) -> list[Sequence]:
+        finished = [i for i, s in enumerate(self.seqs) if s.finish_reason is not None]
+        out = [self.seqs[i] for i in finished]
+        for i in reversed(finished):
+            moved = self.cache.remove(i)
+            if moved >= 0:
+                self.seqs[i] = self.seqs[moved]
+            self.seqs.pop()
+        return out
 
 
-def _finish_early(s: Sequence) -> bool:
-    if s.abort.is_set():
-        s.finish_reason = {"type": "abort", "message": s.abort_message}
-    elif s.max_new_tokens == 0:
-        s.finish_reason = {"type": "length", "length": 0}
-    return s.finish_reason is not None
-
-
-def _prompt_logprobs(logits: torch.Tensor, s: Sequence) -> list[float | None]:
+def _prompt_logprobs(lps: torch.Tensor, s: Sequence) -> list[float | None]:
     """Log-probs of prompt tokens [logprob_start_len:] under the unscaled model (first is None)."""
-    lps = torch.log_softmax(logits.float(), dim=-1)
     out: list[float | None] = []
     for pos in range(s.logprob_start_len, len(s.prompt_ids)):
         out.append(None if pos == 0 else float(lps[pos - 1, s.prompt_ids[pos]]))
     return out
+
+
+@torch.no_grad()
+def run_batch(model: TorchLLM, seqs: list[Sequence], wait_if_paused: Callable[[], None] = lambda: None) -> None:
+    """Generate every sequence to completion (all admitted at once): for tests and benchmarks."""
+    runner = BatchRunner(model)
+    runner.admit(list(seqs))
+    while runner.active:
+        wait_if_paused()
+        runner.step()
