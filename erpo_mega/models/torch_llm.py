@@ -83,6 +83,78 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
+class SlotKVCache:
+    """A pool of per-sequence KV slots for continuous batching: [slots, Hkv, capacity, D] per layer.
+
+    Why slots: sequences join and leave the running batch every step. Each owns one slot whose
+    token t sits at index t (no padding), so a sequence that ends frees its slot by moving only
+    the *last* active slot into the hole (`remove`), never copying the whole batch. Active
+    sequences always occupy slots [0, active), so a decode step attends over a plain view.
+    Both dimensions grow on demand (doubling), so a small job holds a small cache.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 slots: int = 8, capacity: int = 64):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lens = torch.zeros(0, dtype=torch.long)   # tokens cached per slot
+        self.active = 0
+        self._alloc(slots, capacity)
+
+    @property
+    def slots(self) -> int:
+        return self.lens.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def _alloc(self, slots: int, capacity: int) -> None:
+        cfg = self.cfg
+        shape = (slots, cfg.num_key_value_heads, capacity, cfg.kv_channels)
+        old_k, old_v, old_lens = self.k, self.v, self.lens
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.lens = torch.zeros(slots, dtype=torch.long)
+        if old_k and self.active:
+            a, t = self.active, int(old_lens[: self.active].max())
+            for new, old in zip(self.k + self.v, old_k + old_v):
+                new[:a, :, :t] = old[:a, :, :t]
+            self.lens[:a] = old_lens[:a]
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        """Make room for `slots` active sequences of up to `capacity` tokens each (doubling growth)."""
+        limit = self.cfg.max_position_embeddings
+        if capacity > limit:
+            raise ValueError(f"KV cache: {capacity} tokens exceed the context length {limit}")
+        if slots > self.slots or capacity > self.capacity:
+            new_slots = self.slots if slots <= self.slots else max(slots, 2 * self.slots)
+            new_cap = self.capacity if capacity <= self.capacity else min(limit, max(capacity, 2 * self.capacity))
+            self._alloc(new_slots, new_cap)
+
+    def copy_slot(self, src: int, dst: int | list[int], length: int) -> None:
+        """Copy the first `length` cached tokens of slot `src` into slot(s) `dst` (prompt sharing)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+        self.lens[dst] = length
+
+    def remove(self, slot: int) -> int:
+        """Free `slot`; the last active slot moves into it. Returns the slot that moved (or -1)."""
+        last = self.active - 1
+        moved = -1
+        if slot != last:
+            self.copy_slot(last, slot, int(self.lens[last]))
+            moved = last
+        self.lens[last] = 0
+        self.active -= 1
+        return moved
+
+    def clear(self) -> None:
+        self.lens.zero_()
+        self.active = 0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,6 +186,68 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
+    def _qkv(self, x, cos, sin):
+        """q, k, v [B, heads, S, D] from one fused projection, rope applied to q and k in one op."""
+        b, s, _ = x.shape
+        w, bias = _fused(self, ("q_proj", "k_proj", "v_proj"))
+        qkv = F.linear(x, w, bias).view(b, s, self.num_heads + 2 * self.num_kv, self.head_dim)
+        qk = qkv[:, :, : self.num_heads + self.num_kv]
+        qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]
+        q = qk[:, :, : self.num_heads].transpose(1, 2)
+        k = qk[:, :, self.num_heads:].transpose(1, 2)
+        v = qkv[:, :, self.num_heads + self.num_kv:].transpose(1, 2)
+        return q, k, v
+
+    def prefill_slots(self, x, cos, sin, mask, layer: int, cache: SlotKVCache, slots: torch.Tensor):
+        """Right-padded prompts [B, S] into fresh slots; attention within each prompt only."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        cache.k[layer][slots, :, :s] = k
+        cache.v[layer][slots, :, :s] = v
+        groups = self.num_heads // self.num_kv
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def decode_slots(self, x, cos, sin, mask, layer: int, cache: SlotKVCache, pos: torch.Tensor, width: int):
+        """One new token per active slot [0, B): write its K/V at `pos`, attend over [0, width).
+
+        GQA without copying K/V: the query heads of one KV head become that head's query rows.
+        """
+        b = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        rows = torch.arange(b)
+        cache.k[layer][rows, :, pos] = k[:, :, 0]
+        cache.v[layer][rows, :, pos] = v[:, :, 0]
+        keys = cache.k[layer][:b, :, :width]
+        values = cache.v[layer][:b, :, :width]
+        q = q.reshape(b, self.num_kv, self.num_heads // self.num_kv, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out.reshape(b, 1, -1))
+
+
+def _fused(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The named Linear layers' weights (and biases) concatenated along the output dim, cached.
+
+    Why: on CPU a decode step's cost is mostly per-op overhead, so one GEMM for q/k/v and one
+    for gate/up beat three and two. The HF-named parameters stay the source of truth (weight
+    updates address them); the cache is rebuilt whenever any of them changed: in-place writes
+    bump the tensor's version counter, replaced storage changes its pointer or shape, and
+    `TorchLLM.load_named_tensors` clears it explicitly.
+    """
+    layers = [getattr(module, n) for n in names]
+    params = [p for lin in layers for p in (lin.weight, lin.bias) if p is not None]
+    key = tuple((p.data_ptr(), p._version, p.shape) for p in params)
+    cached = module.__dict__.get("_fused_cache")
+    if cached is None or cached[0] != key:
+        w = torch.cat([lin.weight.detach() for lin in layers])
+        b = torch.cat([lin.bias.detach() for lin in layers]) if layers[0].bias is not None else None
+        cached = (key, w, b)
+        module.__dict__["_fused_cache"] = cached
+    return cached[1], cached[2]
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -124,6 +258,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fused_forward(self, x):
+        w, _ = _fused(self, ("gate_proj", "up_proj"))
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -137,6 +276,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, layer, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prefill_slots(self, x, cos, sin, mask, layer, cache, slots):
+        x = x + self.self_attn.prefill_slots(self.input_layernorm(x), cos, sin, mask, layer, cache, slots)
+        return x + self.mlp.fused_forward(self.post_attention_layernorm(x))
+
+    def decode_slots(self, x, cos, sin, mask, layer, cache, pos, width):
+        x = x + self.self_attn.decode_slots(self.input_layernorm(x), cos, sin, mask, layer, cache, pos, width)
+        return x + self.mlp.fused_forward(self.post_attention_layernorm(x))
 
 
 class _Backbone(nn.Module):
@@ -192,6 +339,56 @@ class TorchLLM(nn.Module):
             cache.length = past + s
         return self.lm_head(self.model.norm(x)).float()
 
+    # --- continuous batching over a SlotKVCache -----------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for integer positions from a table built once (same formula as rope_cos_sin)."""
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].device != positions.device:
+            n = self.config.max_position_embeddings
+            table = rope_cos_sin(torch.arange(n, device=positions.device)[None], self.config.kv_channels,
+                                 self.config.rope_theta)
+            table = (table[0][0], table[1][0])
+            self._rope_table = table
+        dtype = self.lm_head.weight.dtype
+        return table[0][positions].to(dtype), table[1][positions].to(dtype)
+
+    def prefill_slots(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache,
+                      slots: torch.Tensor) -> torch.Tensor:
+        """Prompts right-padded to [B, S] (true `lengths`) into fresh `slots`; returns the final
+        hidden states [B, S, H] (normed). The caller applies `lm_head` only where it needs logits.
+        """
+        b, s = input_ids.shape
+        device = input_ids.device
+        pos = torch.arange(s, device=device)
+        valid = pos[None, :] < lengths[:, None]                                     # [B, S]
+        mask = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]             # [B, S, S]
+        cos, sin = self._rope(pos.expand(b, s))
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.prefill_slots(x, cos, sin, mask, i, cache, slots)
+        cache.lens[slots.cpu()] = lengths.cpu()
+        return self.model.norm(x)
+
+    def decode_slots(self, tokens: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """One token per active slot (tokens [B], B == cache.active); returns logits [B, V] fp32."""
+        b = tokens.shape[0]
+        lens = cache.lens[:b]
+        width = int(lens.max()) + 1
+        if width > cache.capacity:
+            raise ValueError(f"KV cache overflow: {width} slots needed, capacity {cache.capacity}")
+        pos = lens.to(tokens.device)
+        mask = (torch.arange(width, device=tokens.device)[None] <= pos[:, None])[:, None, None]  # [B,1,1,T]
+        cos, sin = self._rope(pos[:, None])
+        x = self.model.embed_tokens(tokens[:, None])
+        for i, layer in enumerate(self.model.layers):
+            x = layer.decode_slots(x, cos, sin, mask, i, cache, pos, width)
+        cache.lens[:b] += 1
+        return self.lm_head(self.model.norm(x[:, 0])).float()
+
+    def new_slot_cache(self, slots: int = 8, capacity: int = 64) -> SlotKVCache:
+        p = self.lm_head.weight
+        return SlotKVCache(self.config, p.dtype, p.device, slots, min(capacity, self.config.max_position_embeddings))
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, batch, capacity, p.dtype, p.device)
@@ -216,7 +413,13 @@ class TorchLLM(nn.Module):
                                  f"got {tuple(tensor.shape)}")
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             loaded.append(name)
+        self.clear_fused()
         return loaded
+
+    def clear_fused(self) -> None:
+        """Drop the fused q/k/v and gate/up copies (rebuilt on the next step from the parameters)."""
+        for m in self.modules():
+            m.__dict__.pop("_fused_cache", None)
 
     def check_named_shapes(self, shapes: Iterable[tuple[str, tuple[int, ...]]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
