@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -255,6 +256,20 @@ def wait_healthy(sup: Supervisor, urls: dict[str, str], timeout_s: float, api_ke
             time.sleep(0.5)
 
 
+def log_weight_versions(plan: Plan, api_key: str) -> None:
+    """One line per engine with the weight version it serves (GET /model_info): the job's output
+    then shows that every engine, not just the one the router happened to pick, got the last sync."""
+    for server in plan.engines:
+        req = urllib.request.Request(f"{server.url}/model_info",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                version = json.load(resp).get("weight_version")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            version = f"unknown ({exc})"
+        log(f"{server.name} weight_version={version}")
+
+
 # ----------------------------------------------------------------------------- main flow
 
 
@@ -270,6 +285,7 @@ def run(plan: Plan, run_dir: Path, engine_timeout_s: float) -> int:
         # Engines and router refuse requests without this key; the trainer's client reads the file.
         api_key, key_file = write_api_key(run_dir)
         env["ERPO_API_KEY_FILE"] = str(key_file)
+        env["ERPO_ENGINE_API_KEY"] = api_key  # what the trainer's EnginePool sends (erpo_mega/orchestration/engines.py)
         plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, api_key=api_key))
     log(f"run dir {run_dir}; MASTER_ADDR={plan.master_addr} MASTER_PORT={plan.master_port} "
         + " ".join(f"{k}={env[k]}" for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if k in env))
@@ -317,6 +333,7 @@ def run(plan: Plan, run_dir: Path, engine_timeout_s: float) -> int:
         name, rc = exited
         if name == "train" and rc == 0:
             log("phase done: training finished")
+            log_weight_versions(plan, api_key)
             sup.stop_all()
             return 0
         log(f"FAILED: {name} exited with code {rc}; tearing everything down")
