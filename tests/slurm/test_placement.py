@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "slurm"))
-from launch import _GPU_SHIM, job_cpus_per_node, parse_node_addrs  # noqa: E402
+from launch import _GPU_SHIM, gpu_bound, job_cpus_per_node, parse_node_addrs, srun_step  # noqa: E402
 from placement import (  # noqa: E402
     PORT_BLOCK,
     LaunchSpec,
@@ -318,3 +318,15 @@ def test_launcher_overrides_are_valid_trainer_config(model_dir, script, nodelist
     assert cfg.run_dir == f["run_dir"]
     if f["tp"] != "config":
         assert (cfg.train.parallel.tp, cfg.train.parallel.pp) == (int(f["tp"]), int(f["pp"]))
+
+
+def test_steps_ask_for_cpus_per_task_and_the_nodes_gpus():
+    """Defect 9: every step states its CPUs per task; a GPU step asks for the node's GPUs
+    itself (an --exclusive job's steps get none implicitly) and each process is narrowed to its own."""
+    cpu = srun_step("train", ["n1"], 2, ["python", "t.py"], "o.log", cpus_per_task=2)
+    assert "--cpus-per-task=2" in cpu and not any(a.startswith("--gres") for a in cpu)
+    assert cpu[-2:] == ["python", "t.py"] and "--overlap" in cpu and "--kill-on-bad-exit=1" in cpu
+    gpu = srun_step("engine0-n2", ["n2"], 1, gpu_bound("2,3", ["sglang"]), "o.log", cpus_per_task=32,
+                    gpus_per_node=8)
+    assert "--gres=gpu:8" in gpu and "--cpus-per-task=32" in gpu
+    assert gpu[gpu.index("erpo-gpu-bind") + 1:] == ["2,3", "sglang"]
