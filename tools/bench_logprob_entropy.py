@@ -1,37 +1,53 @@
-"""Benchmark: vocab-parallel log-prob + entropy vs. gathering the full vocabulary.
+"""Benchmark: vocab-parallel log-prob + entropy vs. slime's fused function, the naive gather, and memory bandwidth.
 
-For each TP size, spawns TP ranks (one process per rank) that hold `[tokens, V/TP]` logit shards and
-time forward+backward and measure peak *extra* memory of two paths in the same run:
+For each TP size, spawns TP ranks (one process per rank) that hold `[tokens, V/TP]` logit shards and,
+in the same run and on the same shards, time forward+backward and measure peak *extra* memory of:
 
 - ours:  `erpo_mega.parallel.vocab_parallel.logprob_and_entropy` (all-reduces of per-token scalars);
+- slime: slime's `calculate_log_probs_and_entropy` (slime/utils/ppo_utils.py), loaded at run time
+  from a checkout given with `--slime-dir` (never vendored here), with its defaults (no chunking),
+  `with_entropy=True` and `with_entropy_grad` as benchmarked;
 - naive: megatron's `gather_from_tensor_model_parallel_region` (all-gather the vocab, autograd-aware),
   fp32 `log_softmax` + gather for the log-prob, `torch.distributions.Categorical(...).entropy()`
-  (under `no_grad` when the entropy gradient is off, as a careful naive trainer would do).
+  (under `no_grad` when the entropy gradient is off, as a careful naive trainer would do);
+- copy:  `dst.copy_(src)` of a buffer the size of the shard: the machine's memory bandwidth
+  (read + write bytes / time), timed in the same interleaved loop, so under the same load.
 
-Loss = sum(w1 * logp) [+ sum(w2 * entropy) with --entropy-grad]; backward w.r.t. the shard.
+Loss = sum(w1 * logp) [+ sum(w2 * entropy) with the entropy gradient on]; backward w.r.t. the shard.
+
+Bandwidth: ours must sweep the shard a fixed number of times (`ours_passes`): read the logits in
+forward and again in backward and write the gradient (3), or, when the fp32 softmax is kept within
+the byte budget, read the logits and write the softmax in forward and read/write it in backward (4;
+5 with the entropy gradient, which reads the logits once more). Bytes = passes x tokens x V/TP x
+element size; GB/s = bytes / (fwd+bwd time); "% of copy" compares it with the copy's GB/s.
 
 Peak extra memory = the high-water mark of bytes allocated *during* fwd+bwd that were still alive,
-inputs excluded, the logits-shard gradient included (both paths produce it):
+inputs excluded, the logits-shard gradient included (every path produces it):
 - CUDA: `torch.cuda.max_memory_allocated()` minus the allocation before the step;
 - CPU: no allocator statistics exist, so a `TorchDispatchMode` records every tensor storage an op
   creates and drops it when the storage is freed (weakref finalizer). It sees every ATen-level
-  allocation both paths make (outputs, autograd-saved tensors, gradients, collective buffers) but
+  allocation the paths make (outputs, autograd-saved tensors, gradients, collective buffers) but
   not scratch memory inside a single kernel or inside gloo; that blind spot is small and applies
-  to both paths. Time and memory are measured in separate repeats (the mode slows ops down).
+  to every path. Time and memory are measured in separate repeats (the mode slows ops down).
 
 Time = median over repeats (paths interleaved) of fwd+bwd wall time between barriers, slowest rank.
+Other processes on the machine slow every path in a repeat alike; compare within one run.
 
-Run (CPU, gloo):    python tools/bench_logprob_entropy.py --tokens 2048 --vocab 32768 --tp 1 2 4 [--entropy-grad]
+Run (CPU, gloo; slime from a checkout, e.g. `git --git-dir=<mirror> archive HEAD slime | tar -x -C /tmp/slime`):
+    python tools/bench_logprob_entropy.py --tokens 2048 --vocab 32768 --tp 1 2 --entropy-grad both \\
+        --slime-dir /tmp/slime
 Run (GPU, NCCL, one process per GPU):  python tools/bench_logprob_entropy.py --device cuda --tokens 8192
-    --vocab 151936 --dtype bfloat16 --tp 1 2 4 8
+    --vocab 152064 --dtype bfloat16 --tp 1 2 4 --entropy-grad both [--slime-dir ...]
 With fewer GPUs than TP, ranks share GPU 0 through gloo on CUDA tensors (`--simulate-on-one-gpu`):
 memory per rank stays exact; time then includes ranks contending for the one GPU and host
-round-trips of gloo, equally for both paths.
+round-trips of gloo, equally for every path.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -93,10 +109,33 @@ class BenchConfig:
     dtype: str
     device: str
     temperature: float
-    entropy_grad: bool
+    entropy_grads: tuple[bool, ...]
     chunk_size: int | None
+    save_bytes: int | None
     repeats: int
     simulate_on_one_gpu: bool
+    slime_dir: str | None
+    naive: bool
+
+
+def load_slime(slime_dir: str):
+    """slime's `calculate_log_probs_and_entropy`, imported from its file (no slime package install)."""
+    path = Path(slime_dir) / "slime" / "utils" / "ppo_utils.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"--slime-dir: {path} not found (expected a checkout of github.com/THUDM/slime)")
+    spec = importlib.util.spec_from_file_location("slime_ppo_utils_for_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.calculate_log_probs_and_entropy
+
+
+def ours_passes(cfg: BenchConfig, vocab_shard: int, entropy_grad: bool) -> int:
+    """Sweeps over the shard ours must make (module doc of `vocab_parallel`)."""
+    from erpo_mega.parallel.vocab_parallel import DEFAULT_SAVE_BYTES
+
+    budget = DEFAULT_SAVE_BYTES if cfg.save_bytes is None else cfg.save_bytes
+    kept = cfg.dtype == "float32" and cfg.tokens * vocab_shard * 4 <= budget
+    return (5 if entropy_grad else 4) if kept else 3
 
 
 def _naive(shard, targets, temperature, entropy_grad):
@@ -115,20 +154,14 @@ def _naive(shard, targets, temperature, entropy_grad):
     return logp, entropy
 
 
-def _ours(shard, targets, temperature, entropy_grad, chunk_size):
-    from erpo_mega.parallel.vocab_parallel import logprob_and_entropy
-
-    return logprob_and_entropy(shard, targets, temperature=temperature, chunk_size=chunk_size,
-                               entropy_grad=entropy_grad)
-
-
-def _rank_main(cfg: BenchConfig, tp: int) -> dict:
+def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
     import os
 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from erpo_mega.parallel.dist import init_distributed
+    from erpo_mega.parallel.dist import destroy_distributed, init_distributed
+    from erpo_mega.parallel.vocab_parallel import default_chunk_size, logprob_and_entropy
 
     cuda = cfg.device == "cuda"
     if cuda:
@@ -141,87 +174,117 @@ def _rank_main(cfg: BenchConfig, tp: int) -> dict:
     init_distributed(tp=tp)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     rank, vs = ps.get_tensor_model_parallel_rank(), cfg.vocab // tp
+    group = ps.get_tensor_model_parallel_group()
     dtype = getattr(torch, cfg.dtype)
     g = torch.Generator().manual_seed(1234 + rank)  # each rank its own vocabulary slice
     shard_data = (torch.randn(cfg.tokens, vs, generator=g) * 3).to(device=device, dtype=dtype)
     targets = torch.randint(0, cfg.vocab, (cfg.tokens,), generator=torch.Generator().manual_seed(7)).to(device)
     w1, w2 = (torch.randn(cfg.tokens, generator=torch.Generator().manual_seed(s)).to(device) for s in (8, 9))
-
-    paths = {
-        "naive": lambda s: _naive(s, targets, cfg.temperature, cfg.entropy_grad),
-        "ours": lambda s: _ours(s, targets, cfg.temperature, cfg.entropy_grad, cfg.chunk_size),
-    }
-
-    def step(fn):
-        shard = shard_data.detach().requires_grad_()
-        logp, entropy = fn(shard)
-        loss = (logp * w1).sum()
-        if cfg.entropy_grad:
-            loss = loss + (entropy * w2).sum()
-        loss.backward()
-        return logp.detach(), entropy.detach(), shard.grad
+    copy_dst = torch.empty_like(shard_data)
+    slime_fn = load_slime(cfg.slime_dir) if cfg.slime_dir else None
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
 
-    from erpo_mega.parallel.vocab_parallel import default_chunk_size
+    results = []
+    for entropy_grad in cfg.entropy_grads:
+        paths = {"ours": lambda s, eg=entropy_grad: logprob_and_entropy(
+            s, targets, temperature=cfg.temperature, chunk_size=cfg.chunk_size, entropy_grad=eg,
+            save_bytes=cfg.save_bytes)}
+        if slime_fn is not None:
+            if cfg.temperature != 1.0:
+                raise ValueError("--slime-dir: slime's function takes no temperature; use --temperature 1")
 
-    out = {"tp": tp, "rank": rank, "vocab_shard": vs, "chunk": cfg.chunk_size or default_chunk_size(vs)}
-    values = {name: step(fn) for name, fn in paths.items()}  # warm-up, and the values compared below
-    times = {name: [] for name in paths}
-    for _ in range(cfg.repeats):  # interleaved, so load drifting on a shared machine hits both paths
+            def slime_path(s, eg=entropy_grad):
+                logp, entropy = slime_fn(s, targets, group, with_entropy=True, with_entropy_grad=eg)
+                return logp.view(targets.shape), entropy  # slime returns the log-prob as [tokens, 1]
+
+            paths["slime"] = slime_path
+        if cfg.naive:
+            paths["naive"] = lambda s, eg=entropy_grad: _naive(s, targets, cfg.temperature, eg)
+
+        def step(fn, eg=entropy_grad):
+            shard = shard_data.detach().requires_grad_()
+            logp, entropy = fn(shard)
+            loss = (logp * w1).sum()
+            if eg:
+                loss = loss + (entropy * w2).sum()
+            loss.backward()
+            return logp.detach(), entropy.detach(), shard.grad
+
+        out = {"tp": tp, "rank": rank, "vocab_shard": vs, "entropy_grad": entropy_grad,
+               "chunk": cfg.chunk_size or default_chunk_size(vs, device=device),
+               "passes": ours_passes(cfg, vs, entropy_grad), "shard_bytes": shard_data.numel() * shard_data.element_size()}
+        values = {name: step(fn) for name, fn in paths.items()}  # warm-up, and the values compared below
+        timed = {**{name: (lambda fn=fn: step(fn)) for name, fn in paths.items()},
+                 "copy": lambda: copy_dst.copy_(shard_data)}
+        timed["copy"]()
+        times = {name: [] for name in timed}
+        for _ in range(cfg.repeats):  # interleaved, so load drifting on a shared machine hits every path
+            for name, fn in timed.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        for name in timed:
+            out[f"{name}_s"] = statistics.median(times[name])
         for name, fn in paths.items():
             sync()
-            t0 = time.perf_counter()
-            step(fn)
+            if cuda:
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step(fn)
+                torch.cuda.synchronize()
+                out[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+            else:
+                with LiveStorageBytes() as mode:
+                    result = step(fn)
+                out[f"{name}_peak_bytes"] = mode.peak
+                del result
             sync()
-            times[name].append(time.perf_counter() - t0)
-    for name, fn in paths.items():
-        out[f"{name}_s"] = statistics.median(times[name])
-        sync()
-        if cuda:
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step(fn)
-            torch.cuda.synchronize()
-            out[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-        else:
-            with LiveStorageBytes() as mode:
-                result = step(fn)
-            out[f"{name}_peak_bytes"] = mode.peak
-            del result
-        sync()
-    (lp_n, h_n, g_n), (lp_o, h_o, g_o) = values["naive"], values["ours"]
-    out["max_abs_diff"] = max(float((lp_n - lp_o).abs().max()), float((h_n - h_o).abs().max()),
-                              float((g_n.float() - g_o.float()).abs().max()))
-    from erpo_mega.parallel.dist import destroy_distributed
-
+        lp_o, h_o, g_o = values["ours"]
+        for name in paths:
+            if name != "ours":
+                lp, h, gr = values[name]
+                out[f"{name}_max_abs_diff"] = max(float((lp - lp_o).abs().max()), float((h - h_o).abs().max()),
+                                                  float((gr.float() - g_o.float()).abs().max()))
+        results.append(out)
     destroy_distributed()
-    return out
+    return results
 
 
 def _summarise(rank_results: list[dict]) -> dict:
-    """Slowest rank's time, largest rank's memory."""
-    row = {k: rank_results[0][k] for k in ("tp", "vocab_shard", "chunk")}
-    for key in ("naive_s", "ours_s", "naive_peak_bytes", "ours_peak_bytes", "max_abs_diff"):
-        row[key] = max(r[key] for r in rank_results)
+    """Slowest rank's time, largest rank's memory and difference."""
+    row = {k: rank_results[0][k] for k in ("tp", "vocab_shard", "entropy_grad", "chunk", "passes", "shard_bytes")}
+    for key in rank_results[0]:
+        if key.endswith(("_s", "_peak_bytes", "_max_abs_diff")):
+            row[key] = max(r[key] for r in rank_results)
     return row
 
 
-def markdown_table(rows: list[dict], cfg: BenchConfig) -> str:
-    head = ("| TP | V/TP | chunk (tokens) | naive fwd+bwd (ms) | ours (ms) | time ours/naive | naive peak extra (MiB) "
-            "| ours (MiB) | mem ours/naive | mem target <= 1/TP | max abs diff |")
-    lines = [head, "|" + "---|" * 11]
+def markdown_table(rows: list[dict]) -> str:
+    others = [name for name in ("slime", "naive") if f"{name}_s" in rows[0]]
+    head = ["TP", "entropy grad", "V/TP", "chunk", "passes", "copy GB/s", "ours ms", "ours GB/s", "% of copy"]
+    for name in others:
+        head += [f"{name} ms", f"time ours/{name}"]
+    head += ["peak extra MiB ours"] + [f"{name}" for name in others]
+    head += [f"mem ours/{name}" for name in others] + [f"max abs diff vs {name}" for name in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        t_ratio = r["ours_s"] / r["naive_s"]
-        m_ratio = r["ours_peak_bytes"] / r["naive_peak_bytes"]
-        ok = "yes" if m_ratio <= 1 / r["tp"] else "NO"
-        lines.append(f"| {r['tp']} | {r['vocab_shard']} | {r['chunk']} | {r['naive_s'] * 1e3:.0f} | {r['ours_s'] * 1e3:.0f} "
-                     f"| {t_ratio:.2f} | {r['naive_peak_bytes'] / MIB:.0f} | {r['ours_peak_bytes'] / MIB:.0f} "
-                     f"| {m_ratio:.3f} | {ok} | {r['max_abs_diff']:.1e} |")
+        copy_gbs = 2 * r["shard_bytes"] / r["copy_s"] / 1e9
+        ours_gbs = r["passes"] * r["shard_bytes"] / r["ours_s"] / 1e9
+        cells = [r["tp"], "on" if r["entropy_grad"] else "off", r["vocab_shard"], r["chunk"], r["passes"],
+                 f"{copy_gbs:.1f}", f"{r['ours_s'] * 1e3:.0f}", f"{ours_gbs:.1f}", f"{100 * ours_gbs / copy_gbs:.0f}%"]
+        for name in others:
+            cells += [f"{r[f'{name}_s'] * 1e3:.0f}", f"{r['ours_s'] / r[f'{name}_s']:.2f}"]
+        cells += [f"{r['ours_peak_bytes'] / MIB:.0f}"] + [f"{r[f'{name}_peak_bytes'] / MIB:.0f}" for name in others]
+        cells += [f"{r['ours_peak_bytes'] / r[f'{name}_peak_bytes']:.2f}" for name in others]
+        cells += [f"{r[f'{name}_max_abs_diff']:.1e}" for name in others]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -229,19 +292,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtype", default=None, help="logits dtype (default float32 on CPU, bfloat16 on CUDA)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="auto: cuda (NCCL) when a GPU is visible, else cpu (gloo)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--entropy-grad", action="store_true", help="backpropagate through the entropy too")
-    ap.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: from the budget)")
+    ap.add_argument("--entropy-grad", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                    help="backpropagate through the entropy too (bare flag = on; both = one row each)")
+    ap.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: from the device)")
+    ap.add_argument("--save-bytes", type=int, default=None,
+                    help="byte budget for keeping the softmax between forward and backward (default: the module's)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--slime-dir", default=None, help="checkout of THUDM/slime to compare with (optional)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the all-gather path (slow at TP 1)")
     ap.add_argument("--simulate-on-one-gpu", action="store_true",
                     help="CUDA with fewer GPUs than TP: all ranks on GPU 0, gloo instead of NCCL")
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     for tp in args.tp:
@@ -249,20 +314,33 @@ def main(argv=None) -> int:
             ap.error(f"--vocab {args.vocab} is not divisible by --tp {tp}")
         if args.device == "cuda" and not args.simulate_on_one_gpu and tp > torch.cuda.device_count():
             ap.error(f"--tp {tp} needs {tp} GPUs ({torch.cuda.device_count()} here); use --simulate-on-one-gpu")
+    if args.slime_dir:
+        try:
+            load_slime(args.slime_dir)
+        except (FileNotFoundError, ImportError, SyntaxError) as e:
+            ap.error(str(e))
+        if args.temperature != 1.0:
+            ap.error("--temperature: slime's function takes none; compare with --slime-dir at 1.0 only")
+    grads = {"off": (False,), "on": (True,), "both": (False, True)}[args.entropy_grad]
     cfg = BenchConfig(tokens=args.tokens, vocab=args.vocab,
                       dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-                      device=args.device, temperature=args.temperature, entropy_grad=args.entropy_grad,
-                      chunk_size=args.chunk_size, repeats=args.repeats, simulate_on_one_gpu=args.simulate_on_one_gpu)
+                      device=args.device, temperature=args.temperature, entropy_grads=grads,
+                      chunk_size=args.chunk_size, save_bytes=args.save_bytes, repeats=args.repeats,
+                      simulate_on_one_gpu=args.simulate_on_one_gpu, slime_dir=args.slime_dir, naive=not args.no_naive)
 
     from erpo_mega.parallel.spawn import run_distributed
 
     rows = []
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for tp in args.tp:
         t0 = time.time()
-        rows.append(_summarise(run_distributed(_rank_main, tp, cfg, tp)))
+        per_rank = run_distributed(_rank_main, tp, cfg, tp)
+        rows.extend(_summarise([r[i] for r in per_rank]) for i in range(len(grads)))
         print(f"tp={tp} done in {time.time() - t0:.0f} s", file=sys.stderr)
-    print(f"config: {asdict(cfg)}, torch {torch.__version__}, {torch.get_num_threads()} threads in the parent\n")
-    print(markdown_table(rows, cfg))
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"config: {asdict(cfg)}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"1-min load average {load_before:.1f} before / {load_after:.1f} after\n")
+    print(markdown_table(rows))
     return 0
 
 

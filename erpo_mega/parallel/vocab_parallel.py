@@ -5,19 +5,33 @@ sharding: rank r owns ids [r*V/TP, (r+1)*V/TP)). Gathering the full vocabulary i
 response token (152k entries for Qwen) is what runs trainers out of memory, so this module
 reduces per-token *scalars* across the TP group instead:
 
-    forward:  per token, local max, sum e^d, sum e^d d (d = x - local max), target logit
-              -> two all-reduces ([tokens] MAX, [tokens, 3] SUM, fp32), once per call, not per chunk;
-    backward: no communication (the global max, log-normaliser and entropy are saved per token).
+    forward:  per token and rank, local max m, log of the local normaliser, the mean of d = x - m
+              under the local softmax, and the target logit -> two all-reduces ([tokens] MAX,
+              [tokens, 3] SUM, fp32) per call, not per chunk;
+    backward: no communication (global max, log-normaliser, entropy and each rank's share of the
+              probability mass are saved per token).
 
     with x = z / T,  M = max_j x_j,  Z = sum_j e^(x_j - M):
     logp_t = (x_t - M) - log Z           H = log Z - sum_j p_j (x_j - M)   (two terms >= 0)
     dlogp_t/dz_j = (1[j=t] - p_j) / T    dH/dz_j = -p_j (log p_j + H) / T
 
-Tokens are processed in chunks: besides the logits gradient itself (same shape and dtype as the
-logits, as for any autograd op), the extra memory is two fp32 `[chunk, V/TP]` buffers and a few
-fp32 scalars per token, independent of the sequence length; backward recomputes the softmax per
-chunk instead of saving it. The caller's logits are never written to (megatron's
-`vocab_parallel_cross_entropy` does write to them). Results are fp32 whatever the logits dtype.
+Speed. The function is memory-bound: its cost is the number of sweeps over the `[tokens, V/TP]`
+fp32 logits. Tokens are processed in chunks small enough to stay in the CPU's cache
+(`default_chunk_size`), so each chunk is read from memory once and the few elementwise steps
+after the first one (subtract the max, one fused softmax, a multiply, row sums) run on cached
+data. Passes over main memory, per call:
+
+    softmax kept (fp32 logits, fits `save_bytes`):  forward reads x, writes p;   backward reads
+        p and writes the gradient into the same buffer (+ reads x again for the entropy gradient);
+    recomputed (otherwise):                         forward reads x;             backward reads x
+        and writes the gradient.
+
+Keeping the softmax costs no extra peak memory for fp32 logits (its buffer becomes the
+gradient, which autograd needs anyway) but holds `tokens * V/TP * 4` bytes from forward to
+backward, hence the byte budget; recomputing costs one more exp per element in backward. Extra
+working memory beyond that is two fp32 `[chunk, V/TP]` buffers. The caller's logits are never
+written to (megatron's `vocab_parallel_cross_entropy` does write to them). Results are fp32
+whatever the logits dtype.
 """
 
 from __future__ import annotations
@@ -29,16 +43,33 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-"""Working-memory budget per chunk when `chunk_size=None` (two fp32 `[chunk, V/TP]` buffers)."""
+"""Working-memory budget per chunk on accelerators (two fp32 `[chunk, V/TP]` buffers): few, large
+chunks, since every elementwise step is a kernel launch there."""
+
+CPU_CHUNK_BYTES = 4 * 2**20
+"""Working-memory budget per chunk on the CPU: small enough that a chunk stays in the L2/L3 cache
+between the steps that sweep it (measured best around 2 MiB a buffer on a 1 MiB-L2 core; larger
+chunks spill to memory, much smaller ones pay per-op dispatch)."""
+
+DEFAULT_SAVE_BYTES = 512 * 2**20
+"""Largest fp32 softmax (`tokens * V/TP * 4` bytes) kept from forward to backward by default."""
 
 _WORKING_BUFFERS = 2
-# Logits of -inf (masked vocab entries) are clamped here so that exp(d) * d stays 0 instead of NaN;
-# any real logit is far above it, so no probability changes.
+# Logits of -inf (masked vocab entries) are floored here where a product with a zero
+# probability would otherwise be NaN; any real logit is far above it, so no probability changes.
 _NEG_FLOOR = -1e30
 
 
-def default_chunk_size(vocab_shard: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so that the fp32 working buffers fit in `budget_bytes`."""
+def default_chunk_size(vocab_shard: int, budget_bytes: int | None = None,
+                       device: torch.device | str | None = None) -> int:
+    """Tokens per chunk so that the fp32 working buffers fit in `budget_bytes`.
+
+    `budget_bytes=None` picks by device: `CPU_CHUNK_BYTES` on the CPU (cache-sized), else
+    `DEFAULT_CHUNK_BYTES`.
+    """
+    if budget_bytes is None:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        budget_bytes = CPU_CHUNK_BYTES if on_cpu else DEFAULT_CHUNK_BYTES
     return max(1, budget_bytes // (_WORKING_BUFFERS * 4 * max(1, vocab_shard)))
 
 
@@ -103,83 +134,108 @@ def _unflat_tokens(values: torch.Tensor, shape: torch.Size, order: list[int]) ->
     return values.view([shape[d] for d in order]).permute(inverse)
 
 
-def _scaled_fp32(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh fp32 `chunk / temperature`, -inf floored; never an alias of the caller's tensor."""
-    x = chunk.float()
-    fresh = x is not chunk
+def _shifted(chunk: torch.Tensor, row_max: torch.Tensor, temperature: float, out: torch.Tensor,
+             floor: bool) -> torch.Tensor:
+    """`out = (chunk - row_max) / T` in fp32 (max 0 per row); with `floor`, -inf becomes `_NEG_FLOOR`.
+
+    Subtracting the raw max before dividing keeps the shifted values exact near the max, where
+    the probability mass is, however large the logits.
+    """
+    d = torch.sub(chunk, row_max[:, None], out=out)
     if temperature != 1.0:
-        x = x.div_(temperature) if fresh else x / temperature
-        fresh = True
-    return x.clamp_(min=_NEG_FLOOR) if fresh else x.clamp(min=_NEG_FLOOR)
+        d.div_(temperature)
+    return d.clamp_(min=_NEG_FLOOR) if floor else d
 
 
-def _chunk_statistics(chunk: torch.Tensor, local_t: torch.Tensor, temperature: float,
-                      out_max: torch.Tensor, out_sums: torch.Tensor) -> None:
-    """Per-token local max m, sum e^d, sum e^d d (d = x - m) and x[local_t] of one chunk, into the outputs.
+def _chunk_statistics(chunk: torch.Tensor, row_max: torch.Tensor, temperature: float, floor: bool,
+                      d_buf: torch.Tensor, p_out: torch.Tensor, inv_z_out: torch.Tensor,
+                      mean_out: torch.Tensor) -> None:
+    """Local softmax of one chunk into `p_out`, 1/Z_local and the mean of d under it into the outputs.
 
-    Two fp32 `[chunk, V_shard]` temporaries, freed on return.
+    d = (x - m) / T has max exactly 0, so the fused softmax's largest entry is exactly 1/Z_local:
+    no separate exp-sum sweep is needed. Where d = -inf the probability is 0 and the product is NaN,
+    which `nansum` skips (a NaN logit still surfaces through 1/Z_local).
     """
-    x = _scaled_fp32(chunk, temperature)
-    out_sums[:, 2] = x.gather(1, local_t[:, None]).squeeze(1)
-    m = x.amax(dim=1)
-    out_max.copy_(m)
-    d = x.sub_(m[:, None])
-    e = torch.exp(d)
-    out_sums[:, 0] = e.sum(dim=1)
-    out_sums[:, 1] = e.mul_(d).sum(dim=1)
+    d = _shifted(chunk, row_max, temperature, d_buf, floor)
+    torch.softmax(d, 1, out=p_out)
+    torch.amax(p_out, 1, out=inv_z_out)
+    torch.nansum(d.mul_(p_out), 1, out=mean_out)
 
 
-def _chunk_grad(chunk: torch.Tensor, local_t: torch.Tensor, own: torch.Tensor, temperature: float,
-                global_max: torch.Tensor, log_z: torch.Tensor, entropy: torch.Tensor,
-                ng_lp: torch.Tensor | None, ng_h: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Gradient w.r.t. one chunk of logits into `out`; `ng_*` are -upstream/T per token (None: no term).
+def _local_statistics(flat: torch.Tensor, temperature: float, chunk: int,
+                      keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token on this rank: raw local max m (floored), log Z_local of d, mean of d under p_local.
 
-    grad_j = -p_j (g_lp + g_h (log p_j + H)) / T, plus g_lp / T at the target column.
+    `keep`: fp32 `[tokens, V_shard]` buffer that receives p_local for backward, or None.
+    One read of each chunk from memory; the remaining sweeps hit the cache (see module doc).
     """
-    # (x - M) - log Z, as log_softmax does: x - (M + log Z) would lose bits of log Z when |M| >> 1.
-    log_p = _scaled_fp32(chunk, temperature).sub_(global_max[:, None]).sub_(log_z[:, None])
-    # fp32 logits: exponentiate straight into the output (one chunk buffer less, no copy)
-    in_place = out.dtype == torch.float32
-    p = torch.exp(log_p, out=out) if in_place else torch.exp(log_p)
-    if ng_h is None:
-        p.mul_(ng_lp[:, None])
-    else:
-        coef = log_p.add_(entropy[:, None]).mul_(ng_h[:, None])
-        if ng_lp is not None:
-            coef.add_(ng_lp[:, None])
-        p.mul_(coef)
-    if ng_lp is not None:  # on the rank owning the target column
-        p.scatter_add_(1, local_t[:, None], (ng_lp * -own)[:, None])
-    if not in_place:
-        out.copy_(p)
+    n, vs = flat.shape
+    f32 = {"dtype": torch.float32, "device": flat.device}
+    row_max, inv_z, mean_d = (torch.empty(n, **f32) for _ in range(3))
+    rows = max(1, min(chunk, n))
+    d_buf = torch.empty(rows, vs, **f32)
+    p_buf = torch.empty(rows, vs, **f32) if keep is None else None
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        m = row_max[start:end]
+        m.copy_(flat[start:end].amax(dim=1)).clamp_(min=_NEG_FLOOR)
+        p_out = keep[start:end] if keep is not None else p_buf[:end - start]
+        _chunk_statistics(flat[start:end], m, temperature, False, d_buf[:end - start], p_out,
+                          inv_z[start:end], mean_d[start:end])
+    del d_buf, p_buf
+    log_z = inv_z.log_().neg_()
+    bad = ~torch.isfinite(log_z)
+    if bool(bad.any()):  # one host sync per call; rare: a token whose whole shard is -inf (or NaN)
+        _fix_rows(flat, temperature, chunk, bad.nonzero().squeeze(1), row_max, log_z, mean_d, keep)
+    return row_max, log_z, mean_d
+
+
+def _fix_rows(flat, temperature, chunk, rows, row_max, log_z, mean_d, keep) -> None:
+    """Redo the statistics of `rows` with -inf floored (an all -inf shard becomes uniform there; the
+    global combination then gives it zero weight because its max is the floor)."""
+    for start in range(0, rows.numel(), chunk):
+        sel = rows[start:start + chunk]
+        x = flat.index_select(0, sel)
+        m = x.amax(dim=1).float().clamp_(min=_NEG_FLOOR)
+        p = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        inv_z, mean = (torch.empty(sel.numel(), dtype=torch.float32, device=x.device) for _ in range(2))
+        _chunk_statistics(x, m, temperature, True, torch.empty_like(p), p, inv_z, mean)
+        row_max.index_copy_(0, sel, m)
+        log_z.index_copy_(0, sel, inv_z.log_().neg_())
+        mean_d.index_copy_(0, sel, mean)
+        if keep is not None:
+            keep.index_copy_(0, sel, p)
 
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
     """Inputs are prepared by `logprob_and_entropy`: local target column, ownership and mask per token."""
 
     @staticmethod
-    def forward(ctx, logits, local_targets, owned, active, group, world, temperature, chunk, entropy_grad):
+    def forward(ctx, logits, local_targets, owned, active, group, world, temperature, chunk, entropy_grad,
+                save_bytes):
         order = _token_order(logits)
         flat = _flat_logits(logits, order)
         local_t, own, act = (_flat_tokens(t, order) for t in (local_targets, owned, active))
-        n = flat.shape[0]
-        local_max = torch.empty(n, dtype=torch.float32, device=flat.device)
-        # columns: sum e^d, sum e^d d (d = x - local max), target logit x_t (0 where another rank owns it)
-        sums = torch.empty(n, 3, dtype=torch.float32, device=flat.device)
-        for start in range(0, n, chunk):
-            rows = slice(start, min(start + chunk, n))
-            _chunk_statistics(flat[rows], local_t[rows], temperature, local_max[rows], sums[rows])
-        sums[:, 2].mul_(own)
+        n, vs = flat.shape
+        # Keep p_local for backward when it is within the byte budget and can become the gradient
+        # itself (fp32 logits): no second exp sweep in backward, no extra peak memory.
+        keep = None
+        if ctx.needs_input_grad[0] and logits.dtype == torch.float32 and n * vs * 4 <= save_bytes:
+            keep = torch.empty(n, vs, dtype=torch.float32, device=flat.device)
+        row_max, local_log_z, mean_d = _local_statistics(flat, temperature, chunk, keep)
 
+        target_x = flat.gather(1, local_t[:, None]).squeeze(1).float()
+        local_max = row_max if temperature == 1.0 else (row_max / temperature).clamp_(min=_NEG_FLOOR)
         global_max = local_max.clone()
         if world > 1:
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        # Move local sums from the local max m_r to the global max M:
-        #   sum_j e^(x_j-M) (x_j-M) = e^(m_r-M) * [sum e^d d + (m_r-M) sum e^d]
-        shift = local_max - global_max
-        scale = torch.exp(shift)
-        sums[:, 1].add_(shift * sums[:, 0]).mul_(scale)
-        sums[:, 0].mul_(scale)
+        # This rank's sums relative to the global max M: sum e^(x-M) = e^(m-M) Z_local and
+        #   sum_j e^(x_j-M) (x_j-M) = e^(m-M) Z_local [mean_d + (m-M)]
+        shift = (local_max - global_max).clamp_(min=_NEG_FLOOR)
+        local_z = torch.exp(local_log_z + shift)
+        if temperature != 1.0:
+            target_x = target_x / temperature
+        sums = torch.stack([local_z, local_z * (mean_d + shift), target_x.clamp_(min=_NEG_FLOOR) * own], dim=1)
         if world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         sum_exp, sum_exp_d, target_x = sums.unbind(1)
@@ -187,9 +243,12 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         # H = log Z - sum_j p_j (x_j - M): both terms are >= 0, so nothing cancels.
         entropy = torch.where(act, log_z - sum_exp_d / sum_exp, 0.0)
         logp = torch.where(act, (target_x - global_max) - log_z, 0.0)
+        share = local_z / sum_exp  # p_j = share * p_local_j on this rank
+        log_p_offset = shift - log_z  # log p_j = d_j + log_p_offset
 
-        ctx.save_for_backward(logits, local_targets, owned, active, global_max, log_z, entropy)
+        ctx.save_for_backward(logits, local_targets, owned, active, row_max, share, log_p_offset, entropy)
         ctx.order, ctx.temperature, ctx.chunk, ctx.entropy_grad = order, temperature, chunk, entropy_grad
+        ctx.kept = keep
         ctx.set_materialize_grads(False)
         lead = logits.shape[:-1]
         out_logp = _unflat_tokens(logp, lead, order)
@@ -201,31 +260,60 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        logits, local_targets, owned, active, global_max, log_z, entropy = ctx.saved_tensors
+        logits, local_targets, owned, active, row_max, share, log_p_offset, entropy = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # consumed: a second backward (retain_graph) recomputes
         if not ctx.entropy_grad:
             grad_entropy = None
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 9
+            return (None,) * 10
         order, temperature, chunk = ctx.order, ctx.temperature, ctx.chunk
         flat = _flat_logits(logits, order)
         local_t, own, act = (_flat_tokens(t, order) for t in (local_targets, owned, active))
 
-        def neg_upstream(grad):  # -grad / T in fp32 per token, zero at masked tokens
-            if grad is None:
-                return None
-            return torch.where(act, _flat_tokens(grad.to(torch.float32), order), 0.0) / -temperature
+        def upstream(grad):  # fp32 per token, zero at masked tokens
+            return torch.where(act, _flat_tokens(grad.to(torch.float32), order), 0.0)
 
-        ng_lp, ng_h = neg_upstream(grad_logp), neg_upstream(grad_entropy)
-        grad_flat = torch.empty(flat.shape, dtype=logits.dtype, device=logits.device)
-        n = flat.shape[0]
-        for start in range(0, n, chunk):
-            rows = slice(start, min(start + chunk, n))
-            _chunk_grad(flat[rows], local_t[rows], own[rows], temperature, global_max[rows], log_z[rows],
-                        entropy[rows], None if ng_lp is None else ng_lp[rows],
-                        None if ng_h is None else ng_h[rows], grad_flat[rows])
+        g_lp = upstream(grad_logp) if grad_logp is not None else torch.zeros_like(share)
+        # grad_j = p_j * coef_j (+ g_lp / T at the target), p_j = share * p_local_j, and
+        #   coef_j = -(g_lp + g_h (log p_j + H)) / T = alpha + beta * d_j   (log p_j = d_j + offset)
+        scale = share / -temperature
+        if grad_entropy is not None:
+            g_h = upstream(grad_entropy)
+            beta = (scale * g_h)[:, None]
+            alpha = (scale * (g_lp + g_h * (entropy + log_p_offset)))[:, None]
+        else:
+            coef = (scale * g_lp)[:, None]
+        at_target = (g_lp * own / temperature)[:, None]
+        t_col = local_t[:, None]
+
+        n, vs = flat.shape
+        if kept is not None and grad_entropy is None:  # one in-place sweep over the kept softmax
+            grad_flat = kept.mul_(coef).scatter_add_(1, t_col, at_target)
+        else:
+            grad_flat = kept if kept is not None else torch.empty(flat.shape, dtype=logits.dtype,
+                                                                  device=logits.device)
+            rows = max(1, min(chunk, n))
+            d_buf = torch.empty(rows, vs, dtype=torch.float32, device=flat.device)
+            p_buf = (torch.empty(rows, vs, dtype=torch.float32, device=flat.device)
+                     if kept is None and grad_flat.dtype != torch.float32 else None)
+            for start in range(0, n, chunk):
+                sl, r = slice(start, min(start + chunk, n)), min(start + chunk, n) - start
+                # floored: a -inf logit has p = 0, and 0 * (alpha + beta * -inf) would be NaN
+                d = _shifted(flat[sl], row_max[sl], temperature, d_buf[:r], True)
+                if kept is not None:
+                    p = kept[sl]
+                else:
+                    p = torch.softmax(d, 1, out=grad_flat[sl] if p_buf is None else p_buf[:r])
+                if grad_entropy is not None:
+                    p.mul_(d.mul_(beta[sl]).add_(alpha[sl]))
+                else:
+                    p.mul_(coef[sl])
+                p.scatter_add_(1, t_col[sl], at_target[sl])  # in fp32, before any rounding to bf16
+                if p_buf is not None:
+                    grad_flat[sl].copy_(p)
         permuted_shape = [logits.shape[d] for d in order] + [logits.shape[-1]]
         inverse = [order.index(d) for d in range(len(order))] + [logits.dim() - 1]
-        return (grad_flat.view(permuted_shape).permute(inverse),) + (None,) * 8
+        return (grad_flat.view(permuted_shape).permute(inverse),) + (None,) * 9
 
 
 def logprob_and_entropy(
@@ -236,6 +324,7 @@ def logprob_and_entropy(
     chunk_size: int | None = None,
     entropy_grad: bool = False,
     mask: torch.Tensor | None = None,
+    save_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of `target_ids` and entropy of softmax(logits / temperature), per token.
 
@@ -247,11 +336,16 @@ def logprob_and_entropy(
         tp_group: process group sharding the vocabulary; None = megatron's TP group when model
             parallelism is initialised, else a single rank holding the whole vocabulary.
         temperature: logits are divided by it exactly as a sampler does (z / T), in fp32.
-        chunk_size: tokens per working chunk; None picks one from `DEFAULT_CHUNK_BYTES`.
+        chunk_size: tokens per working chunk; None = `default_chunk_size` for the logits' device
+            (cache-sized on the CPU).
         entropy_grad: when False the entropy is returned detached (its backward costs nothing);
             when True it carries the exact gradient dH/dz_j = -p_j (log p_j + H) / T.
         mask: optional bool `[...]`; False positions (padding, prompt) may hold any target id
             (e.g. -100) and get logp = 0, entropy = 0 and zero gradient.
+        save_bytes: byte budget for keeping the fp32 softmax `[tokens, V/TP]` from forward to
+            backward (fp32 logits that need a gradient only: the buffer then becomes the gradient);
+            above it, backward recomputes the softmax chunk by chunk. None = `DEFAULT_SAVE_BYTES`;
+            0 always recomputes.
 
     Returns:
         `(logp, entropy)`, both fp32 with `target_ids`' shape.
@@ -273,6 +367,9 @@ def logprob_and_entropy(
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: must be a positive int or None, got {chunk_size!r}")
+    if save_bytes is not None and (not isinstance(save_bytes, int) or isinstance(save_bytes, bool)
+                                   or save_bytes < 0):
+        raise ValueError(f"save_bytes: must be an int >= 0 or None, got {save_bytes!r}")
     device = logits_shard.device
     if mask is None:
         active = torch.ones(target_ids.shape, dtype=torch.bool, device=device)
@@ -296,7 +393,7 @@ def logprob_and_entropy(
                          f"(e.g. {example}); mask padding positions with `mask` instead")
     owned = active & (targets >= first) & (targets < last)
     local_targets = torch.where(owned, targets - first, 0)
-    chunk = chunk_size or default_chunk_size(vocab_shard)
+    chunk = chunk_size or default_chunk_size(vocab_shard, device=device)
     return _VocabParallelLogprobEntropy.apply(
         logits_shard, local_targets, owned.to(torch.float32), active, group, world,
-        float(temperature), chunk, bool(entropy_grad))
+        float(temperature), chunk, bool(entropy_grad), DEFAULT_SAVE_BYTES if save_bytes is None else save_bytes)

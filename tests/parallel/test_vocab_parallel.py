@@ -35,6 +35,7 @@ class Case:
     seq_first: bool = False  # logits stored [S, B, V] (megatron's layout), passed as [B, S, V]
     neg_inf: bool = False  # some vocabulary entries are -inf
     seed: int = 0
+    save_bytes: int | None = None  # None: the default budget keeps the fp32 softmax; 0: recompute
 
 
 CASES = [
@@ -49,6 +50,13 @@ CASES = [
     Case("fp32_neg_inf_entries", (2, 15), 96, chunk_size=7, entropy_grad=True, neg_inf=True, seed=6),
     Case("bf16_large_vocab", (4, 25), 1024, dtype=torch.bfloat16, temperature=0.9, chunk_size=7,
          entropy_grad=True, masked=True, seed=7),
+    # backward recomputes the softmax instead of keeping it (byte budget 0)
+    Case("fp32_recompute_temp_mask", (3, 37), 96, temperature=0.7, chunk_size=16, entropy_grad=True,
+         masked=True, seed=8, save_bytes=0),
+    Case("fp32_recompute_neg_inf", (2, 15), 96, temperature=1.2, chunk_size=7, entropy_grad=True, neg_inf=True,
+         seed=9, save_bytes=0),
+    Case("fp32_recompute_logp_only", (2, 21), 96, chunk_size=8, loss="logp", seed=10, save_bytes=0),
+    Case("fp32_kept_neg_inf_logp_only", (2, 15), 96, chunk_size=4, loss="logp", neg_inf=True, seed=11),
 ]
 
 
@@ -87,7 +95,8 @@ def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 
         shard_in = leaf
     before = leaf.detach().clone()
     logp, entropy = logprob_and_entropy(shard_in, targets, tp_group=tp_group, temperature=case.temperature,
-                                        chunk_size=case.chunk_size, entropy_grad=case.entropy_grad, mask=mask)
+                                        chunk_size=case.chunk_size, entropy_grad=case.entropy_grad, mask=mask,
+                                        save_bytes=case.save_bytes)
     unchanged_after_forward = torch.equal(leaf.detach(), before)
     loss = 0.0
     if case.loss in ("both", "logp"):
@@ -158,6 +167,7 @@ def check_errors(rank: int, world: int, tp_group) -> list[str]:
         "temperature": dict(temperature=0.0),
         "mask": dict(mask=torch.ones(3, 2, dtype=torch.bool)),
         "chunk_size": dict(chunk_size=0),
+        "save_bytes": dict(save_bytes=-1),
     }
     failures = []
     for field, kwargs in bad.items():
@@ -312,3 +322,38 @@ def test_extra_memory_is_bounded_by_the_chunk_not_the_sequence(dtype):
     # A full-vocabulary fp32 softmax alone would be tokens * vocab * 4 = 512 KiB beyond the gradient.
     assert mode.peak <= grad_bytes + working + per_token, (mode.peak, grad_bytes, working, per_token)
     assert mode.peak >= grad_bytes  # the tracker does see the gradient
+
+
+@pytest.mark.parametrize("save_bytes", [None, 0])
+def test_second_backward_with_retained_graph_gives_the_same_gradient(save_bytes):
+    """The kept softmax becomes the first gradient; a second backward must recompute, not reuse it."""
+    logits = torch.randn(6, 40, requires_grad=True)
+    targets = torch.randint(0, 40, (6,))
+    logp, entropy = logprob_and_entropy(logits, targets, entropy_grad=True, chunk_size=4, save_bytes=save_bytes)
+    loss = (logp * torch.arange(6.0)).sum() + entropy.sum()
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 2 * first)
+
+
+@pytest.mark.parametrize("save_bytes, kept", [(None, True), (512 * 64 * 4, True), (512 * 64 * 4 - 1, False),
+                                              (0, False)])
+def test_softmax_is_kept_between_forward_and_backward_only_within_the_byte_budget(save_bytes, kept):
+    tokens, vocab = 512, 64
+    logits = torch.randn(tokens, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    with _live_storage_bytes_mode() as mode:
+        logp, _ = logprob_and_entropy(logits, targets, chunk_size=16, save_bytes=save_bytes)
+        held = mode.current  # bytes alive between forward and backward
+        logp.sum().backward()
+    softmax_bytes = tokens * vocab * 4
+    assert (held >= softmax_bytes) == kept, (held, softmax_bytes)
+    assert mode.peak <= softmax_bytes + 2 * 16 * vocab * 4 + 128 * tokens  # kept softmax becomes the grad
+
+
+def test_no_softmax_is_kept_without_grad():
+    logits = torch.randn(512, 64)
+    with _live_storage_bytes_mode() as mode:
+        logprob_and_entropy(logits, torch.randint(0, 64, (512,)), chunk_size=16)
+    assert mode.peak < 512 * 64 * 4, mode.peak
