@@ -279,16 +279,32 @@ class DistributedWeightSender:
         return self
 
     def _broadcast_watched(self, tensors: list[torch.Tensor], futures: list) -> None:
-        """Broadcast while watching the engines' requests: a refusal raises at once."""
-        for t in tensors:
-            work = self.pg.broadcast_async(t)
-            while not work.is_completed():
+        """Broadcast while watching the engines' requests: a refusal raises at once.
+
+        The engine's own answer (e.g. HTTP 400 success: false) is the error raised; a broken
+        transport (a receiver that left the group) becomes WeightUpdateError too.
+        """
+        def refusal(wait_s: float = 0.0):
+            deadline = time.monotonic() + wait_s
+            while True:
                 failed = [f for f in futures if f.done() and f.exception() is not None]
-                if failed:
-                    self._abandoned.append((self.pg, work, t))
-                    raise failed[0].exception()
-                time.sleep(self.poll_s)
-            work.wait()
+                if failed or time.monotonic() >= deadline:
+                    return failed[0].exception() if failed else None
+                time.sleep(0.01)
+
+        for t in tensors:
+            try:
+                work = self.pg.broadcast_async(t)
+                while not work.is_completed():
+                    err = refusal()
+                    if err is not None:
+                        self._abandoned.append((self.pg, work, t))
+                        raise err
+                    time.sleep(self.poll_s)
+                work.wait()
+            except RuntimeError as e:  # transport failure: report the engine's reason if it gave one
+                err = refusal(wait_s=5.0)
+                raise (err or WeightUpdateError(self.master_address, f"weight broadcast failed: {e}")) from e
 
     def push(self, named_tensors: NamedTensors, weight_version: str | None = None,
              bucket_bytes: int = DEFAULT_BUCKET_BYTES, flattened: bool = True,
