@@ -116,6 +116,8 @@ class EvalSection:
 class CheckpointSection:
     every: int = field(default=0, metadata=bounds(ge=0))  # 0: only at the end
     keep_last: int = field(default=2, metadata=bounds(ge=1))
+    # --resume with a damaged latest checkpoint: load the newest complete earlier one (default: stop)
+    resume_fallback: bool = False
 
 
 @dataclass

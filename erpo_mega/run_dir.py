@@ -115,3 +115,48 @@ def key_differences(old: dict | None, new: dict) -> list[str]:
     if old is None:
         return ["(no record of what it was built from)"]
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+# ---------------------------------------------------------------- resume -----------------------
+
+
+def pick_resume_checkpoint(root: str | Path, fallback: bool) -> Path:
+    """The checkpoint `--resume` loads: the one `latest` names, verified file by file.
+
+    When it is damaged (a missing or truncated file, no manifest: a save killed half-way or
+    a disk that filled up) the error names the file; with `fallback` the newest complete
+    older `iter_N` is used instead, and a warning names both.
+    """
+    import logging
+
+    from erpo_mega.megatron.checkpoint import (
+        CheckpointError,
+        read_train_state,
+        resolve_checkpoint,
+        verify_checkpoint_files,
+    )
+
+    root = Path(root)
+    try:
+        target = resolve_checkpoint(root)
+        verify_checkpoint_files(target)
+        read_train_state(target)
+        return target
+    except CheckpointError as e:
+        damaged, error = e, str(e)
+    if not fallback:
+        raise CheckpointError(f"{error}. To resume from the newest complete earlier checkpoint instead, "
+                              "set checkpoint.resume_fallback=true") from None
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    for cand in complete_checkpoints(root):
+        if cand.name == latest:
+            continue
+        try:
+            verify_checkpoint_files(cand)
+            read_train_state(cand)
+        except CheckpointError:
+            continue
+        logging.getLogger("erpo_mega.run_dir").warning(
+            "--resume: %s; falling back to %s (checkpoint.resume_fallback)", error, cand)
+        return cand
+    raise CheckpointError(f"{error}; no complete earlier checkpoint under {root} to fall back to") from damaged

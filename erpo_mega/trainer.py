@@ -58,6 +58,7 @@ from erpo_mega.run_dir import (
     RunDirError,
     check_new_run,
     key_differences,
+    pick_resume_checkpoint,
     prune_checkpoints,
     read_key,
     write_key,
@@ -422,7 +423,8 @@ class Trainer:
             if self.checkpoint and not ckpt_root.exists():
                 raise FileNotFoundError(f"--checkpoint: {ckpt_root} does not exist")
             if self.resume and ((ckpt_root / "latest").is_file() or self.checkpoint):
-                extra = self.worker.load(ckpt_root)
+                extra = self.worker.load(ckpt_root if self.checkpoint else
+                                         pick_resume_checkpoint(ckpt_root, cfg.checkpoint.resume_fallback))
                 self.step = int(extra["step"])
                 batcher.load_state_dict(extra["batcher"])
                 if self.metrics and mode == "train":  # drop rows the resumed run will redo

@@ -259,28 +259,79 @@ def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = N
         tmp.mkdir()
     _barrier()
     state = _build_state(modules, is_loading=False, with_optimizer=True, with_rng=True)
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        dist_checkpointing.save(state, str(tmp))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        _raise_if_disk_full(e, root, tmp)
+        raise
     _barrier()
     if _rank() == 0:
-        train_state = {"format": FORMAT_VERSION, "step": int(step), "layout": _layout(),
-                       "scheduler": modules.scheduler.state_dict(), "extra": json.loads(extra_json)}
-        _atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1))
-        if write_extra_files is not None:
-            write_extra_files(tmp)
-        write_manifest(tmp)
-        if final.exists():  # re-saving a step: keep the old one until the new one is in place
-            old = root / (iter_dir_name(step) + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        _atomic_write_text(root / LATEST, final.name + "\n")
+        try:
+            _publish(root, tmp, final, step, modules, extra_json, write_extra_files)
+        except OSError as e:
+            _raise_if_disk_full(e, root, tmp)
+            raise
     _barrier()
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, modules, extra_json: str, write_extra_files) -> None:
+    """Rank 0: train state, manifest, rename `tmp` to `final`, then point `latest` at it."""
+    train_state = {"format": FORMAT_VERSION, "step": int(step), "layout": _layout(),
+                   "scheduler": modules.scheduler.state_dict(), "extra": json.loads(extra_json)}
+    _atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1))
+    if write_extra_files is not None:
+        write_extra_files(tmp)
+    write_manifest(tmp)
+    if final.exists():  # re-saving a step: keep the old one until the new one is in place
+        old = root / (iter_dir_name(step) + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    _atomic_write_text(root / LATEST, final.name + "\n")
+
+
+# Below this many free bytes a failed write is taken to be a full disk: torch's writers
+# often report ENOSPC only as "unexpected pos 704 vs 598" (a short write), with no errno.
+_DISK_FULL_SLACK = 16 * 2**20
+
+
+def _raise_if_disk_full(e: BaseException, root: Path, tmp: Path) -> None:
+    """Turn a save that failed for lack of space (ENOSPC, or a quota: EDQUOT) into a
+    CheckpointError naming the file system and the checkpoint; delete the partial directory
+    (it frees space and is unusable). The previous checkpoint is left as it was."""
+    import errno as errno_mod
+
+    codes = {errno_mod.ENOSPC, getattr(errno_mod, "EDQUOT", -1)}
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    by_errno = any(getattr(x, "errno", None) in codes for x in chain)
+    text = " ".join(str(x) for x in chain)
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if not (by_errno or "No space left" in text or "Disk quota" in text
+            or (free is not None and free < _DISK_FULL_SLACK)):
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest = root / LATEST
+    prev = latest.read_text().strip() if latest.is_file() else None
+    kept = f"the previous checkpoint {root / prev} is intact" if prev else "no earlier checkpoint exists"
+    room = f"{free} bytes free" if free is not None else "free space unknown"
+    raise CheckpointError(f"no space left on device (ENOSPC) while saving checkpoint {tmp} ({room} on the "
+                          f"file system of {root}); the partial checkpoint was removed and {kept}. Free space "
+                          f"or point run_dir elsewhere, then --resume") from None
 
 
 def read_train_state(ckpt_dir: str | Path) -> dict:
