@@ -22,7 +22,9 @@ STEPS="${STEPS:-3}"                             # timed RL steps per point
 WARMUP="${WARMUP:-1}"                           # untimed steps first
 BENCH_ARGS="${BENCH_ARGS:-}"                    # overrides for every point, e.g. "bench.model=qwen2.5-7b bench.response_len=1024"
 PEAK_TFLOPS="${PEAK_TFLOPS:-}"                  # MFU reference when the device is not in the table
-ENGINE="${ENGINE:-none}"                        # none: the trainer starts its own engine(s); sglang|embedded: the launcher does (needs MODEL_DIR)
+ENGINE="${ENGINE:-none}"                        # none: the trainer starts its own engine (colocated points; disaggregated
+                                                # points then use embedded); sglang|embedded: the launcher starts them,
+                                                # serving MODEL_DIR (default: a random-init model of the config made here)
 MODEL_DIR="${MODEL_DIR:-}"
 ENGINE_ARGS="${ENGINE_ARGS:---num-threads 1}"
 ENGINE_TIMEOUT="${ENGINE_TIMEOUT:-600}"
@@ -38,6 +40,14 @@ OUT="${OUT:-runs/bench-${SLURM_JOB_ID:-local}}"
 
 [[ -n "${SLURM_JOB_NODELIST:-}" ]] || { echo "bench.sh: run me with sbatch (no SLURM_JOB_NODELIST)" >&2; exit 2; }
 mapfile -t ALL_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+# Launcher-started engines need a model dir to serve: without MODEL_DIR, a random-init one of the
+# config's shape, made once for the whole sweep.
+ensure_model() {
+    if [[ -z "$MODEL_DIR" ]]; then
+        MODEL_DIR="$OUT/model"
+        [[ -f "$MODEL_DIR/config.json" ]] || "$PYTHON" -m erpo_mega.bench.make_model "$CONFIG" $BENCH_ARGS --out "$MODEL_DIR"
+    fi
+}
 export MODEL_DIR CONFIG ENGINE ENGINE_ARGS ENGINE_TIMEOUT TASKS_PER_NODE GPUS_PER_NODE OMP_NUM_THREADS
 
 failed=0
@@ -48,6 +58,9 @@ for point in $SWEEP; do
         echo "bench.sh: bad SWEEP point '$point' (NODES:TP:PP[:PLACEMENT[:BUCKET_MB]], nodes <= ${#ALL_NODES[@]})" >&2
         failed=1; continue
     fi
+    engine="$ENGINE"
+    [[ "$placement" == disaggregated && "$engine" == none ]] && engine=embedded  # engines on their own nodes
+    [[ "$engine" == none ]] || ensure_model
     subset=$(IFS=,; echo "${ALL_NODES[*]:0:nodes}")
     name="n${nodes}-tp${tp}-pp${pp}-${placement}${bucket:+-b${bucket}}"
     cmd="$PYTHON -m erpo_mega.cli bench $CONFIG --steps $STEPS --warmup $WARMUP ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS}"
@@ -55,7 +68,8 @@ for point in $SWEEP; do
     echo "[bench.sh $(date +%H:%M:%S)] point $name on $subset"
     # The launcher plans over the nodes it is given: this point's first NODES nodes.
     if ! SLURM_JOB_NODELIST="$subset" SLURM_NODELIST="$subset" SLURM_JOB_NUM_NODES="$nodes" SLURM_NNODES="$nodes" \
-        PLACEMENT="$placement" TP="$tp" PP="$pp" RUN_DIR="$OUT/$name" TRAIN_CMD="$cmd" \
+        PLACEMENT="$placement" TP="$tp" PP="$pp" ENGINE="$engine" MODEL_DIR="$MODEL_DIR" RUN_DIR="$OUT/$name" \
+        TRAIN_CMD="$cmd" \
         "$PYTHON" slurm/launch.py; then
         echo "[bench.sh] point $name FAILED (logs in $OUT/$name/logs)" >&2
         failed=1

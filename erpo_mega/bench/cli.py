@@ -53,7 +53,9 @@ def main_bench(argv: list[str]) -> int:
 
     from erpo_mega.bench.report import console, write_all
     from erpo_mega.bench.runner import BenchTrainer, summarize
+    from erpo_mega.orchestration.step_guards import RolloutProblem
     from erpo_mega.parallel.dist import destroy_distributed
+    from erpo_mega.trainer import TrainingDiverged
 
     trainer = BenchTrainer(cfg, peak_tflops=args.peak_tflops)
     try:
@@ -61,6 +63,9 @@ def main_bench(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"erpo-mega bench: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (TrainingDiverged, RolloutProblem) as e:
+        print(f"erpo-mega bench: the RL step stopped: {e}", file=sys.stderr, flush=True)
+        return 1
     if raw is not None:
         result = summarize(cfg, trainer.model_cfg, raw, args.steps, args.warmup)
         paths = write_all(result, Path(cfg.run_dir))

@@ -37,7 +37,7 @@ def rank_memory(rank: int, rss_baseline: int | None = None) -> dict:
     activations took on CPU."""
     import torch
 
-    out = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "rss_peak_bytes": peak_rss_bytes(),
+    out = {"rank": rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(), "rss_peak_bytes": peak_rss_bytes(),
            "rss_baseline_bytes": rss_baseline,
            "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
     if torch.cuda.is_available():

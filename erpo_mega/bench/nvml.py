@@ -7,6 +7,7 @@ One sampler per node (the rank with LOCAL_RANK 0) polls every GPU it can see eve
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -100,5 +101,5 @@ class NvmlSampler:
                          "mem_total_gib": rows[0]["mem_total_gib"],
                          "power_w_mean": sum(power) / len(power) if power else None,
                          "power_w_max": max(power) if power else None})
-        return {"host": socket.gethostname(), "interval_s": self.interval_s, "samples": len(self.samples),
+        return {"host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "interval_s": self.interval_s, "samples": len(self.samples),
                 "gpus": gpus, "time": time.time()}

@@ -54,6 +54,7 @@ class Target:
     micro_batch_tokens: int
     bf16: bool
     peak_tflops: float | None
+    engine_devices_override: int | None = None  # engines on fewer devices than the placement gives them
 
     @property
     def train_devices(self) -> int:
@@ -62,6 +63,8 @@ class Target:
 
     @property
     def engine_devices(self) -> int:
+        if self.engine_devices_override:
+            return self.engine_devices_override
         n = self.rollout_nodes if self.placement == "disaggregated" else self.nodes
         return n * self.devices_per_node
 
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--placement", choices=("colocated", "disaggregated"), default="colocated")
     p.add_argument("--rollout-nodes", type=int, default=0, help="disaggregated: nodes serving rollouts")
+    p.add_argument("--engine-devices", type=int, default=None,
+                   help="devices generating (default: every device colocated, rollout nodes x devices disaggregated)")
     p.add_argument("--prompts", type=int, help="prompts per step (default: the rates run's)")
     p.add_argument("--samples", type=int, help="samples per prompt (default: the rates run's)")
     p.add_argument("--prompt-len", type=int)
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         dev = args.device or rates["device"]["name"]
         bf16 = rates["device"]["bf16"] or lookup_peak(dev) is not None  # a GPU target trains in bf16
         peak = args.peak_tflops or lookup_peak(dev, bf16) or rates["device"].get("peak_tflops")
-        for flag in ("nodes", "devices_per_node", "tp", "pp", "prompts", "samples", "prompt_len", "response_len",
+        for flag in ("nodes", "devices_per_node", "tp", "pp", "engine_devices", "prompts", "samples", "prompt_len", "response_len",
                      "micro_batch_tokens"):
             v = getattr(args, flag)
             if v is not None and v < 1:
@@ -253,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                    pp=args.pp, placement=args.placement, rollout_nodes=args.rollout_nodes,
                    prompts=args.prompts or w["prompts_per_step"], samples=args.samples or w["samples_per_prompt"],
                    prompt_len=args.prompt_len or w["prompt_len"], response_len=args.response_len or w["response_len"],
-                   micro_batch_tokens=args.micro_batch_tokens or w["micro_batch_tokens"], bf16=bf16, peak_tflops=peak)
+                   micro_batch_tokens=args.micro_batch_tokens or w["micro_batch_tokens"], bf16=bf16, peak_tflops=peak,
+                   engine_devices_override=args.engine_devices)
         pred = predict(rates, t)
         cmp_rows = compare(pred, _load(args.compare)) if args.compare else None
     except PlanError as e:

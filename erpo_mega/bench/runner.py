@@ -117,6 +117,11 @@ class BenchTrainer(Trainer):
             if self.rank == 0:
                 self.engines = EnginePool(cfg.rollout, self.run_dir, cfg.seed).start(
                     engine_dir if cfg.rollout.engine != "external" else None)
+            if cfg.rollout.engine == "external":
+                # Engines started by the launcher serve their own model dir; the trainer's random
+                # init differs, so push it once (untimed) before the first step, as a resumed run
+                # would: rollouts then come from the weights the trainer scores.
+                self._sync_weights("0")
             setup_s = time.perf_counter() - t_setup
             records = []
             with sampler:
