@@ -31,7 +31,10 @@ inputs excluded, the logits-shard gradient included (every path produces it):
   to every path. Time and memory are measured in separate repeats (the mode slows ops down).
 
 Time = median over repeats (paths interleaved) of fwd+bwd wall time between barriers, slowest rank.
-Other processes on the machine slow every path in a repeat alike; compare within one run.
+Other processes on the machine slow every path in a repeat alike; compare within one run. On a
+loaded CPU a 20 ms copy often runs inside one time slice while a 200 ms step is preempted, so the
+table also gives "% of copy, CPU time": the same ratio from the process CPU time of each (time
+actually spent running; with one thread per rank this excludes waiting for the core).
 
 Run (CPU, gloo; slime from a checkout, e.g. `git --git-dir=<mirror> archive HEAD slime | tar -x -C /tmp/slime`):
     python tools/bench_logprob_entropy.py --tokens 2048 --vocab 32768 --tp 1 2 --entropy-grad both \\
@@ -116,6 +119,7 @@ class BenchConfig:
     simulate_on_one_gpu: bool
     slime_dir: str | None
     naive: bool
+    before_file: str | None = None
 
 
 def load_slime(slime_dir: str):
@@ -127,6 +131,16 @@ def load_slime(slime_dir: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.calculate_log_probs_and_entropy
+
+
+def load_before(path: str):
+    """`logprob_and_entropy` of another version of vocab_parallel.py (e.g. `git show HEAD~1:...`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--before-file: {path} not found")
+    spec = importlib.util.spec_from_file_location("vocab_parallel_before_for_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.logprob_and_entropy
 
 
 def ours_passes(cfg: BenchConfig, vocab_shard: int, entropy_grad: bool) -> int:
@@ -182,6 +196,7 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
     w1, w2 = (torch.randn(cfg.tokens, generator=torch.Generator().manual_seed(s)).to(device) for s in (8, 9))
     copy_dst = torch.empty_like(shard_data)
     slime_fn = load_slime(cfg.slime_dir) if cfg.slime_dir else None
+    before_fn = load_before(cfg.before_file) if cfg.before_file else None
 
     def sync():
         if cuda:
@@ -202,6 +217,9 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
                 return logp.view(targets.shape), entropy  # slime returns the log-prob as [tokens, 1]
 
             paths["slime"] = slime_path
+        if before_fn is not None:
+            paths["before"] = lambda s, eg=entropy_grad: before_fn(s, targets, temperature=cfg.temperature,
+                                                                   entropy_grad=eg)
         if cfg.naive:
             paths["naive"] = lambda s, eg=entropy_grad: _naive(s, targets, cfg.temperature, eg)
 
@@ -214,7 +232,7 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
             loss.backward()
             return logp.detach(), entropy.detach(), shard.grad
 
-        out = {"tp": tp, "rank": rank, "vocab_shard": vs, "entropy_grad": entropy_grad,
+        out = {"tp": tp, "rank": rank, "vocab_shard": vs, "entropy_grad": entropy_grad, "cuda": cuda,
                "chunk": cfg.chunk_size or default_chunk_size(vs, device=device),
                "passes": ours_passes(cfg, vs, entropy_grad), "shard_bytes": shard_data.numel() * shard_data.element_size()}
         values = {name: step(fn) for name, fn in paths.items()}  # warm-up, and the values compared below
@@ -222,15 +240,19 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
                  "copy": lambda: copy_dst.copy_(shard_data)}
         timed["copy"]()
         times = {name: [] for name in timed}
+        cpu_times = {name: [] for name in timed}
         for _ in range(cfg.repeats):  # interleaved, so load drifting on a shared machine hits every path
             for name, fn in timed.items():
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
+                c1 = time.process_time()
                 sync()
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(c1 - c0)
         for name in timed:
             out[f"{name}_s"] = statistics.median(times[name])
+            out[f"{name}_cpu_s"] = statistics.median(cpu_times[name])
         for name, fn in paths.items():
             sync()
             if cuda:
@@ -259,16 +281,18 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
 
 def _summarise(rank_results: list[dict]) -> dict:
     """Slowest rank's time, largest rank's memory and difference."""
-    row = {k: rank_results[0][k] for k in ("tp", "vocab_shard", "entropy_grad", "chunk", "passes", "shard_bytes")}
+    row = {k: rank_results[0][k] for k in ("tp", "vocab_shard", "entropy_grad", "chunk", "passes", "shard_bytes",
+                                           "cuda")}
     for key in rank_results[0]:
-        if key.endswith(("_s", "_peak_bytes", "_max_abs_diff")):
+        if key.endswith(("_s", "_peak_bytes", "_max_abs_diff")):  # also *_cpu_s
             row[key] = max(r[key] for r in rank_results)
     return row
 
 
 def markdown_table(rows: list[dict]) -> str:
-    others = [name for name in ("slime", "naive") if f"{name}_s" in rows[0]]
-    head = ["TP", "entropy grad", "V/TP", "chunk", "passes", "copy GB/s", "ours ms", "ours GB/s", "% of copy"]
+    others = [name for name in ("slime", "before", "naive") if f"{name}_s" in rows[0]]
+    head = ["TP", "entropy grad", "V/TP", "chunk", "passes", "copy GB/s", "ours ms", "ours GB/s", "% of copy",
+            "% of copy, CPU time"]
     for name in others:
         head += [f"{name} ms", f"time ours/{name}"]
     head += ["peak extra MiB ours"] + [f"{name}" for name in others]
@@ -278,7 +302,8 @@ def markdown_table(rows: list[dict]) -> str:
         copy_gbs = 2 * r["shard_bytes"] / r["copy_s"] / 1e9
         ours_gbs = r["passes"] * r["shard_bytes"] / r["ours_s"] / 1e9
         cells = [r["tp"], "on" if r["entropy_grad"] else "off", r["vocab_shard"], r["chunk"], r["passes"],
-                 f"{copy_gbs:.1f}", f"{r['ours_s'] * 1e3:.0f}", f"{ours_gbs:.1f}", f"{100 * ours_gbs / copy_gbs:.0f}%"]
+                 f"{copy_gbs:.1f}", f"{r['ours_s'] * 1e3:.0f}", f"{ours_gbs:.1f}", f"{100 * ours_gbs / copy_gbs:.0f}%",
+                 "n/a" if r["cuda"] else f"{100 * r['passes'] * r['copy_cpu_s'] / (2 * r['ours_cpu_s']):.0f}%"]
         for name in others:
             cells += [f"{r[f'{name}_s'] * 1e3:.0f}", f"{r['ours_s'] / r[f'{name}_s']:.2f}"]
         cells += [f"{r['ours_peak_bytes'] / MIB:.0f}"] + [f"{r[f'{name}_peak_bytes'] / MIB:.0f}" for name in others]
@@ -303,6 +328,8 @@ def main(argv=None) -> int:
                     help="byte budget for keeping the softmax between forward and backward (default: the module's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slime-dir", default=None, help="checkout of THUDM/slime to compare with (optional)")
+    ap.add_argument("--before-file", default=None,
+                    help="another vocab_parallel.py to time as 'before' (e.g. the previous commit's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the all-gather path (slow at TP 1)")
     ap.add_argument("--simulate-on-one-gpu", action="store_true",
                     help="CUDA with fewer GPUs than TP: all ranks on GPU 0, gloo instead of NCCL")
@@ -326,7 +353,8 @@ def main(argv=None) -> int:
                       dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
                       device=args.device, temperature=args.temperature, entropy_grads=grads,
                       chunk_size=args.chunk_size, save_bytes=args.save_bytes, repeats=args.repeats,
-                      simulate_on_one_gpu=args.simulate_on_one_gpu, slime_dir=args.slime_dir, naive=not args.no_naive)
+                      simulate_on_one_gpu=args.simulate_on_one_gpu, slime_dir=args.slime_dir, naive=not args.no_naive,
+                      before_file=args.before_file)
 
     from erpo_mega.parallel.spawn import run_distributed
 

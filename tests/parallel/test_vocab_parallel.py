@@ -82,9 +82,10 @@ def build_inputs(case: Case, data_seed: int = 0):
     return logits, targets, mask, g_logp, g_entropy
 
 
-def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 0) -> dict:
-    """This rank's part: outputs and the gradient of its logits shard."""
-    logits, targets, mask, g_logp, g_entropy = build_inputs(case, data_seed)
+def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 0, device: str = "cpu") -> dict:
+    """This rank's part: outputs and the gradient of its logits shard (results back on the CPU)."""
+    logits, targets, mask, g_logp, g_entropy = (None if t is None else t.to(device)
+                                                for t in build_inputs(case, data_seed))
     vs = case.vocab // world
     shard = logits[..., rank * vs:(rank + 1) * vs]
     if case.seq_first:
@@ -106,7 +107,7 @@ def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 
     loss.backward()
     grad = leaf.grad.transpose(0, 1) if case.seq_first else leaf.grad
     return {
-        "logp": logp.detach(), "entropy": entropy.detach(), "grad": grad.contiguous(),
+        "logp": logp.detach().cpu(), "entropy": entropy.detach().cpu(), "grad": grad.contiguous().cpu(),
         "entropy_requires_grad": entropy.requires_grad, "logp_dtype": logp.dtype,
         "unchanged": unchanged_after_forward and torch.equal(leaf.detach(), before),
     }
@@ -227,6 +228,14 @@ def _worker_world4() -> dict:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_tp1_matches_full_vocab_reference(case):
     check_against_reference(case, [run_case(case, rank=0, world=1)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "fp32_temp_mask_chunk16", "fp32_neg_inf_entries", "bf16_large_vocab", "fp32_recompute_temp_mask")],
+    ids=lambda c: c.name)
+def test_tp1_on_cuda_matches_full_vocab_reference(case):
+    check_against_reference(case, [run_case(case, rank=0, world=1, device="cuda")])
 
 
 def test_tp1_errors_name_the_argument():
