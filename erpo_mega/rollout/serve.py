@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-memory-saver", action="store_true")
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--skip-tokenizer-init", action="store_true")
-    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--max-running-requests", type=int, default=256,
+                   help="sequences decoded together (continuous batching; one request's n samples count n)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest accepted request body, checked before reading it (default 64 MiB)")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--api-key", default=None,
@@ -64,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --weight-update-timeout must be > 0", file=sys.stderr)
             return 2
         engine.session_timeout_s = args.weight_update_timeout
-    server = EngineHTTPServer(engine, args.host, args.port, api_key=api_key)
+    if args.max_running_requests < 1:
+        print("error: --max-running-requests must be >= 1", file=sys.stderr)
+        return 2
+    limits = {"max_body_bytes": args.max_request_bytes} if args.max_request_bytes else {}
+    try:
+        server = EngineHTTPServer(engine, args.host, args.port, api_key=api_key, **limits)
+    except OSError as e:  # PortInUseError names host:port; other bind errors keep their message
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -99,7 +99,7 @@ class _ModelLock:
 
 class Engine:
     def __init__(self, model_path: str, dtype: str = "float32", random_seed: int = 0,
-                 max_batch_size: int = 64, skip_tokenizer_init: bool = False,
+                 max_batch_size: int = 256, skip_tokenizer_init: bool = False,
                  enable_memory_saver: bool = False, tokenizer_path: str | None = None):
         self.model_path = str(model_path)
         self.tokenizer_path = str(tokenizer_path or model_path)
@@ -553,6 +553,8 @@ class Engine:
                 "dp_size": 1,
                 "weight_version": self.weight_version, "max_batch_size": self.max_batch_size,
                 "engine": "erpo_mega.embedded", "requests_total": self.requests_total,
+                "max_running_requests": self.max_batch_size, "num_running_reqs": len(self._running),
+                "num_queued_reqs": len(self._queue),
                 "enable_memory_saver": self.enable_memory_saver,
                 "time": time.time()}
 
