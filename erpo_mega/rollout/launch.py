@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erpo_mega.parallel.dist import free_port
+from erpo_mega.parallel.lifeline import popen_kwargs
 from erpo_mega.rollout.client import EngineError, SGLangClient
 
 
@@ -78,8 +79,9 @@ class ServerHandle:
 def _spawn(cmd: list[str], url: str, log_path: str | Path | None, env: dict | None,
            api_key: str | None = None) -> ServerHandle:
     log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (owned by handle)
+    # the server dies with this process, even on kill -9 (parallel/lifeline.py)
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+                            **popen_kwargs({**os.environ, **(env or {})}))
     return ServerHandle(url, proc, cmd, Path(log_path) if log_path else None,
                         log_file if log_path else None, api_key)
 
@@ -152,8 +154,14 @@ def launch_sglang_server(model_path: str | Path, host: str = "127.0.0.1", port: 
     return handle.wait_healthy(timeout) if wait else handle
 
 
+# A GRPO group is G requests with one prompt: `cache_aware` sends requests sharing a prefix to
+# the worker that already holds it, so the group's prompt is prefilled once on one worker
+# (round_robin spreads the group over every worker, each computing the same prefix again).
+ROUTER_POLICY = "cache_aware"
+
+
 def router_command(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1",
-                   policy: str = "round_robin", extra_args: Sequence[str] = (),
+                   policy: str = ROUTER_POLICY, extra_args: Sequence[str] = (),
                    api_key: str | None = None) -> list[str]:
     key = ["--api-key", api_key] if api_key else []
     return [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
@@ -161,7 +169,7 @@ def router_command(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1
 
 
 def launch_router(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1", *,
-                  policy: str = "round_robin", wait: bool = True, timeout: float = 60.0,
+                  policy: str = ROUTER_POLICY, wait: bool = True, timeout: float = 60.0,
                   log_path: str | Path | None = None, prometheus_port: int | None = None,
                   extra_args: Sequence[str] = (), api_key: str | None = None) -> ServerHandle:
     """sglang-router in front of running workers (their /health must already answer).

@@ -31,7 +31,7 @@ def cluster(tmp_path_factory):
         for h in handles:
             h.wait_healthy(120)
         router = launch_router([h.url for h in handles], port=free_port(), log_path=base / "router.log",
-                               extra_args=["--log-level", "warn", "--shutdown-grace-period-secs", "1"])
+                               policy="round_robin", extra_args=["--log-level", "warn", "--shutdown-grace-period-secs", "1"])
         handles.append(router)
         yield base, [h.client(timeout=60, max_retries=1, backoff=0.05) for h in handles[:2]], router.client()
     finally:
@@ -114,3 +114,43 @@ def test_bad_push_is_rejected_and_loses_nothing(cluster):
                       ("model.norm.weight", torch.zeros(5))], engines[:1], method="tensor")
     assert engines[0].get_weights_by_name("model.norm.weight") == before
     assert engines[0].get_weights_by_name("model.layers.0.input_layernorm.weight") != [0.0] * 32
+
+
+def test_rollout_sends_each_grpo_group_to_one_engine(cluster, tmp_path):
+    """Through a cache_aware router (our default), all samples of a GRPO group run on one worker,
+    which then prefills the prompt once; each sample is still its own request with its own seed."""
+    from erpo_mega.data.batcher import PromptBatch
+    from erpo_mega.data.types import PromptItem
+    from erpo_mega.orchestration.rollout_step import generate_rollout, sample_seed
+
+    _, engines, _ = cluster
+    router = launch_router([e.base_url for e in engines], port=free_port(), log_path=tmp_path / "router.log",
+                           extra_args=["--log-level", "warn", "--shutdown-grace-period-secs", "1"])
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    class Reward:
+        def batch(self, items, texts):
+            return [float(len(t)) for t in texts]
+
+    G = 4
+    try:
+        client = router.client(timeout=60)
+        for g in range(3):
+            batch = PromptBatch(items=[PromptItem(prompt=f"p{g}", answer="")], indices=[g], group_size=G,
+                                step=g, epoch=0)
+            prompt = [5 + g] + list(range(20, 44))
+            before = [e.server_info()["requests_total"] for e in engines]
+            r = generate_rollout(client, batch, [prompt], Tok(), Reward(), run_seed=1, step=g, max_new_tokens=3,
+                                 temperature=1.0, concurrency=G, extra_sampling={"ignore_eos": True})
+            after = [e.server_info()["requests_total"] for e in engines]
+            assert sorted(a - b for a, b in zip(after, before)) == [0, G], (g, before, after)
+            assert all(len(ids) == 3 for ids in r.response_ids)
+            # the sample's own seed decides its tokens, whichever worker ran it
+            alone = engines[0].generate([prompt], {"max_new_tokens": 3, "ignore_eos": True, "temperature": 1.0,
+                                                   "sampling_seed": sample_seed(1, g, 1)})[0]
+            assert alone.output_ids == r.response_ids[1]
+    finally:
+        router.close()
