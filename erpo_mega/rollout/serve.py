@@ -19,6 +19,7 @@ import threading
 
 import torch
 
+from erpo_mega.parallel.lifeline import watch_parent
 from erpo_mega.rollout.engine import Engine, EngineHTTPServer
 
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    watch_parent()  # launched by a trainer: exit when it is gone, however it died
     if args.tp != 1:
         print(f"error: --tp {args.tp}: the embedded engine runs one rank; use sglang for TP > 1",
               file=sys.stderr)
