@@ -331,6 +331,10 @@ def main(argv=None) -> int:
     ap.add_argument("--before-file", default=None,
                     help="another vocab_parallel.py to time as 'before' (e.g. the previous commit's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the all-gather path (slow at TP 1)")
+    ap.add_argument("--thp", action="store_true",
+                    help="set THP_MEM_ALLOC_ENABLE=1 for the ranks: PyTorch then backs large CPU tensors with "
+                         "2 MiB pages, so first touching a fresh [tokens, V/TP] buffer costs far fewer page "
+                         "faults (every path allocates at least the gradient)")
     ap.add_argument("--simulate-on-one-gpu", action="store_true",
                     help="CUDA with fewer GPUs than TP: all ranks on GPU 0, gloo instead of NCCL")
     args = ap.parse_args(argv)
@@ -358,6 +362,8 @@ def main(argv=None) -> int:
 
     from erpo_mega.parallel.spawn import run_distributed
 
+    if args.thp:  # read once per process by PyTorch's CPU allocator: set before the ranks start
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     rows = []
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for tp in args.tp:
@@ -366,7 +372,8 @@ def main(argv=None) -> int:
         rows.extend(_summarise([r[i] for r in per_rank]) for i in range(len(grads)))
         print(f"tp={tp} done in {time.time() - t0:.0f} s", file=sys.stderr)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"config: {asdict(cfg)}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+    print(f"config: {asdict(cfg)}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"1-min load average {load_before:.1f} before / {load_after:.1f} after\n")
     print(markdown_table(rows))
     return 0
