@@ -36,6 +36,9 @@ class EvalSetConfig:
         if self.temperature == 0 and self.samples > 1:
             raise ConfigError("samples", f"greedy decoding (temperature 0) gives {self.samples} identical "
                                          "samples; use samples: 1 or a temperature > 0")
+        if self.path is not None and not self.path.endswith((".jsonl", ".parquet")):
+            raise ConfigError("path", f"must be a .jsonl or .parquet file (as `erpo-mega prepare-data` writes), "
+                                      f"got {self.path!r}")
         if self.style == "custom":
             raise ConfigError("style", "'custom' is not available for eval sets; write the file with "
                                        "`erpo-mega prepare-data` or use math/gsm8k/dapo")
