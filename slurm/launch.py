@@ -208,9 +208,10 @@ def gpu_bound(indices: str, argv: list[str]) -> list[str]:
 
 
 def write_api_key(run_dir: Path) -> tuple[str, Path]:
-    """A fresh per-job secret in RUN_DIR/api_key, mode 600 from its creation (never world-readable)."""
+    """A fresh per-job secret in RUN_DIR/api_key, mode 600 from its creation (never world-readable).
+    Hex, so it never starts with '-' (argparse would take a token_urlsafe key like '-x3...' for a flag)."""
     path = run_dir / "api_key"
-    key = secrets.token_urlsafe(32)
+    key = secrets.token_hex(32)
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

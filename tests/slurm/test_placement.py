@@ -13,7 +13,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "slurm"))
-from launch import _GPU_SHIM, gpu_bound, job_cpus_per_node, parse_node_addrs, srun_step  # noqa: E402
+from launch import (  # noqa: E402
+    _GPU_SHIM,
+    gpu_bound,
+    job_cpus_per_node,
+    parse_node_addrs,
+    srun_step,
+    write_api_key,
+)
 from placement import (  # noqa: E402
     PORT_BLOCK,
     LaunchSpec,
@@ -330,3 +337,13 @@ def test_steps_ask_for_cpus_per_task_and_the_nodes_gpus():
                     gpus_per_node=8)
     assert "--gres=gpu:8" in gpu and "--cpus-per-task=32" in gpu
     assert gpu[gpu.index("erpo-gpu-bind") + 1:] == ["2,3", "sglang"]
+
+
+def test_api_key_file_is_private_fresh_and_never_looks_like_a_flag(tmp_path):
+    keys = set()
+    for _ in range(300):  # a token_urlsafe key starts with '-' about once in 64 draws
+        key, path = write_api_key(tmp_path)
+        assert path.read_text() == key + "\n" and path.stat().st_mode & 0o777 == 0o600
+        assert re.fullmatch(r"[0-9a-f]{64}", key)
+        keys.add(key)
+    assert len(keys) == 300

@@ -36,15 +36,37 @@ def _versions(log: str) -> dict[str, str]:
     return dict(re.findall(r"(engine\d@n2) weight_version=(\S+)", log))
 
 
+def _stale_gap(base, trained_dir) -> float:
+    """Mean |log p| difference between the base model and trained weights on fixed sequences:
+    what the resumed run's train/rollout gap would be if its engines still served MODEL_DIR."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, 95, (4, 24), generator=torch.Generator().manual_seed(0))
+    def logp(model):
+        with torch.no_grad():
+            lsm = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        return lsm.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    return (logp(base) - logp(trained)).abs().mean().item()
+
+
+# A reward an untrained model earns about half the time, and a large step, so the weights really
+# move: a resumed run whose engines kept MODEL_DIR's weights would show it in its logp gap.
+OVERRIDES = ["reward=tests.e2e.plugins:even_length_reward", "train.optim.lr=3e-3"]
+
+
 def test_twin_trains_syncs_both_engines_and_resumes(twin_env, tmp_path):
     from tests.rollout.helpers import save_tiny_model
 
     model_dir, run_dir = tmp_path / "hf", tmp_path / "run"
-    save_tiny_model(model_dir, "qwen2", seed=5, vocab=96)  # the built-in task's character vocabulary (95) fits
-    env = dict(twin_env, MODEL_DIR=str(model_dir), RUN_DIR=str(run_dir), PYTHON=sys.executable)
+    base = save_tiny_model(model_dir, "qwen2", seed=5, vocab=96)  # the built-in task's character vocabulary (95) fits
+    env = dict(twin_env, MODEL_DIR=str(model_dir), RUN_DIR=str(run_dir), PYTHON=sys.executable,
+               PYTHONPATH=str(REPO))  # the reward plug-in lives in tests/
 
     out1 = tmp_path / "job1.out"
-    job1 = sbatch(env, [f"--output={out1}", str(REPO / "slurm/erpo_twin_cpu.sh")])
+    job1 = sbatch(env, [f"--output={out1}", str(REPO / "slurm/erpo_twin_cpu.sh"), *OVERRIDES])
     state = wait_job(twin_env, job1, 600)
     log1 = out1.read_text()
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log1[-6000:]
@@ -61,16 +83,21 @@ def test_twin_trains_syncs_both_engines_and_resumes(twin_env, tmp_path):
     # every engine, not just the router's pick, serves the last sync
     assert _versions(log1) == {"engine0@n2": "2", "engine1@n2": "2"}, log1[-3000:]
     assert _rows(run_dir)[1]["rollout_weight_version"] == 1  # step 2 sampled from step 1's weights
+    stale_gap = _stale_gap(base, run_dir / "final_hf")  # final_hf: the step-2 weights
 
     out2 = tmp_path / "job2.out"
-    job2 = sbatch(env, [f"--output={out2}", str(REPO / "slurm/erpo_twin_cpu.sh"), "--resume", "train.steps=4"])
+    job2 = sbatch(env, [f"--output={out2}", str(REPO / "slurm/erpo_twin_cpu.sh"), "--resume", "train.steps=4",
+                        *OVERRIDES])
     state = wait_job(twin_env, job2, 600)
     log2 = out2.read_text()
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log2[-6000:]
     assert job2 != job1
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # continued, nothing redone or lost
-    # the restored step-2 weights reached the engines before the resumed run's first rollout
+    # the restored step-2 weights reached the engines before the resumed run's first rollout: its
+    # train/rollout gap is that of freshly synced engines, far below what MODEL_DIR's would give
     assert rows[2]["rollout_weight_version"] == 2, rows[2]
+    gap = rows[2]["rollout_logp_abs_diff_mean"]
+    assert gap < 0.2 * stale_gap, (gap, stale_gap, [r["rollout_logp_abs_diff_mean"] for r in rows])
     assert _versions(log2) == {"engine0@n2": "4", "engine1@n2": "4"}, log2[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
