@@ -96,6 +96,22 @@ class EnginePool:
                             weight_version=weight_version, disk_dir=self.run_dir / "engine_weights",
                             sender=self._sender)
 
+    def describe_failure(self, error: Exception) -> str:
+        """One sentence for an engine call that failed: which engine, and whether (and how) the
+        process this pool launched for it has exited, with its log file."""
+        parts = [str(error)]
+        for i, h in enumerate(self.handles):
+            code = h.process.poll()
+            if code is None:
+                continue
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            name = "router" if h is self.router else f"engine {i}"
+            parts.append(f"{name} ({h.url}, pid {h.process.pid}) {how}; log: {h.log_path or '(none)'}")
+        if self.router is not None and self.router.process.poll() is not None and self.router not in self.handles:
+            code = self.router.process.returncode
+            parts.append(f"router ({self.router.url}) exited ({code}); log: {self.router.log_path or '(none)'}")
+        return "; ".join(parts)
+
     def close(self) -> None:
         if self._sender is not None:
             try:
@@ -113,3 +129,114 @@ class EnginePool:
         for h in self.handles:
             h.close()
         self.handles = []
+
+
+def local_sync_address() -> str:
+    """The address engines dial to reach this rank's weight-update group: ERPO_WEIGHT_SYNC_ADDR
+    (a launcher sets it per node) or, on one machine, loopback; else this host's address."""
+    import socket
+
+    addr = os.environ.get("ERPO_WEIGHT_SYNC_ADDR")
+    if addr:
+        return addr
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if master in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
+class StagedWeightSync:
+    """Distributed weight sync where each pipeline stage sends its own layers.
+
+    Runs on the *stage leaders* (tp=0, dp=0 of every pipeline stage, i.e. the members of the
+    dp=0/tp=0 pipeline group, `group`). Each leader hosts its own weight-update group
+    (`<prefix>_pp<stage>`, trainer rank 0 + every engine's TP ranks) and broadcasts the
+    tensors its stage owns (`iter_hf_weights(..., yield_on="stage")`), so no layer crosses
+    the pipeline first and the stages send in parallel. Stage 0's leader holds the engine
+    clients and coordinates: it pauses generation and opens the engines' sessions before any
+    stage sends, and after every stage reports success it closes them, sets the weight
+    version once and flushes the cache once. A failure on any stage fails the sync on all of
+    them (an all-reduce of a success flag), never a hang.
+    """
+
+    def __init__(self, group, stage: int, engines: list[SGLangClient] | None = None, *,
+                 address: str | None = None, group_prefix: str = "weight_update_group",
+                 backend: str | None = None, timeout_s: float = 300.0, request_timeout_s: float = 300.0):
+        import torch.distributed as dist
+
+        self.group, self.stage = group, stage
+        self.num_stages = dist.get_world_size(group)
+        self.engines = list(engines or [])
+        self.address = address or local_sync_address()
+        self.group_name = f"{group_prefix}_pp{stage}"
+        self.backend, self.timeout_s, self.request_timeout_s = backend, timeout_s, request_timeout_s
+        self.sender: DistributedWeightSender | None = None
+        if stage == 0 and not self.engines:
+            raise ValueError("StagedWeightSync: stage 0 coordinates and needs the engine clients")
+
+    def _flag(self, ok: bool) -> bool:
+        """True when every stage leader says ok (all-reduce MIN over the leaders' group)."""
+        import torch
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
+    def connect(self) -> StagedWeightSync:
+        """Stage 0 tells the other leaders the engines (urls, api key, tp sizes); every leader
+        then opens its own group with every engine (collective over the leaders)."""
+        import torch.distributed as dist
+
+        info = [None]
+        if self.stage == 0:
+            info = [[(e.base_url, e.api_key, e.engine_tp_size(), e.timeout) for e in self.engines]]
+        dist.broadcast_object_list(info, src=dist.get_global_rank(self.group, 0), group=self.group)
+        if self.stage != 0:
+            self.engines = [SGLangClient(url, timeout=t, api_key=key) for url, key, _, t in info[0]]
+        tp_sizes = [tp for _, _, tp, _ in info[0]]
+        self.sender = DistributedWeightSender(self.engines, self.address, free_port(self.address),
+                                              backend=self.backend, group_name=self.group_name,
+                                              engine_tp_sizes=tp_sizes, timeout_s=self.timeout_s).connect()
+        return self
+
+    def sync(self, named_tensors, weight_version: str | None, bucket_bytes: int, flattened: bool = True,
+             pause_mode: str | None = "abort") -> PushReport:
+        """Every leader calls this with its stage's tensors; returns this stage's report."""
+        from erpo_mega.rollout.client import WeightUpdateError
+        from erpo_mega.weights.transport import PushSession
+
+        if self.sender is None:
+            raise RuntimeError("StagedWeightSync.sync before connect()")
+        session, err, report = None, None, None
+        if self.stage == 0:
+            session = PushSession(self.engines, weight_version, pause_mode)
+            try:
+                session.__enter__()
+            except BaseException as e:
+                session, err = None, e
+        if self._flag(err is None):
+            try:
+                report = self.sender.push(named_tensors, bucket_bytes=bucket_bytes, flattened=flattened,
+                                          manage_session=False)
+            except BaseException as e:
+                err = e
+        for _ in named_tensors:  # the export is a collective: always run it to the end
+            pass
+        all_ok = self._flag(err is None)
+        if session is not None:
+            if all_ok:
+                session.__exit__(None, None, None)
+            else:
+                session.__exit__(WeightUpdateError, None, None)
+        if err is not None:
+            raise err
+        if not all_ok:
+            raise WeightUpdateError(self.address, "another pipeline stage's weight push failed")
+        return report
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None

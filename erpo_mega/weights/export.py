@@ -12,6 +12,10 @@ Who yields:
   at once (their weights are identical copies).
 - `yield_on="all"`: every rank yields every tensor (TP all-gather + PP broadcast inside each
   replica), for engines colocated with each training rank.
+- `yield_on="stage"`: the tp=0 rank of each pipeline stage (dp=0) yields the tensors its own
+  stage owns, with no PP transfer at all: each stage then sends its layers to the engines
+  over its own weight-update group (`erpo_mega.orchestration.engines.StagedWeightSync`),
+  instead of funnelling the whole model through global rank 0.
 
 Every rank must iterate the generator to the end: it is a sequence of collectives.
 """
@@ -27,7 +31,7 @@ from erpo_mega.models import hf_tables as T
 from erpo_mega.models.builder import unwrap_model
 from erpo_mega.models.config import ModelConfig
 
-YIELD_ON = ("rank0", "all")
+YIELD_ON = ("rank0", "all", "stage")
 
 
 def local_parameters(model_chunks: Iterable[torch.nn.Module], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -73,7 +77,7 @@ def iter_hf_weights(model_chunks: torch.nn.Module | Iterable[torch.nn.Module], c
     if yield_on not in YIELD_ON:
         raise ValueError(f"yield_on must be one of {YIELD_ON}, got {yield_on!r}")
     chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
-    if yield_on == "rank0" and ps.get_data_parallel_rank() != 0:
+    if yield_on in ("rank0", "stage") and ps.get_data_parallel_rank() != 0:
         return
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -81,7 +85,7 @@ def iter_hf_weights(model_chunks: torch.nn.Module | Iterable[torch.nn.Module], c
     local = local_parameters(chunks, cfg)
     device = next(iter(local.values())).device
     owners = _owners(local, pp_group, pp)
-    yields_here = yield_on == "all" or (tp_rank == 0 and pp_rank == 0)
+    yields_here = yield_on == "all" or (tp_rank == 0 and (pp_rank == 0 or yield_on == "stage"))
 
     for bw in T.bound_weights(cfg):
         if bw.mcore not in owners:
@@ -98,6 +102,11 @@ def iter_hf_weights(model_chunks: torch.nn.Module | Iterable[torch.nn.Module], c
                     del parts
                 else:
                     full = shard
+            if yield_on == "stage":
+                if yields_here and pp_rank == owner:
+                    yield from zip(bw.hf, T.mcore_to_hf(bw, full, cfg))
+                del full
+                continue
             if pp > 1:
                 full = _pipeline_transfer(full, bw, owner, dtype, device, yield_on, tp_rank, pp_rank, pp_group)
             if yields_here:

@@ -25,6 +25,7 @@ payload per engine TP rank, and group sizes from each engine's reported `tp_size
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -147,6 +148,9 @@ class _PushSession:
                 except Exception as err:  # keep the push's own error; still try every engine
                     log.warning("%s on %s failed during cleanup: %s", what, e.base_url, err)
         self._open, self._paused = [], []
+
+
+PushSession = _PushSession  # public: the coordinating rank of a per-stage push holds one
 
 
 def default_backend() -> str:
@@ -308,7 +312,10 @@ class DistributedWeightSender:
 
     def push(self, named_tensors: NamedTensors, weight_version: str | None = None,
              bucket_bytes: int = DEFAULT_BUCKET_BYTES, flattened: bool = True,
-             pause_mode: str | None = "abort") -> PushReport:
+             pause_mode: str | None = "abort", manage_session: bool = True) -> PushReport:
+        """Send every tensor over the group. `manage_session=False`: someone else (the
+        coordinating rank of a per-stage push) holds the engines' pause/session, and
+        `weight_version`/`pause_mode` are ignored here."""
         if self.pg is None:
             raise RuntimeError("DistributedWeightSender.push before connect()")
         if self.broken:
@@ -316,7 +323,9 @@ class DistributedWeightSender:
                                     f"failure ({self.broken}); close() and connect a new sender")
         t0 = time.perf_counter()
         nbytes = buckets = n = 0
-        with _PushSession(self.engines, weight_version, pause_mode):
+        session = _PushSession(self.engines, weight_version, pause_mode) if manage_session else \
+            contextlib.nullcontext()
+        with session:
             for bucket in iter_buckets(named_tensors, bucket_bytes):
                 if flattened:
                     bucket = _pack(bucket)

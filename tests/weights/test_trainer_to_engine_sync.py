@@ -7,7 +7,9 @@ collective over all four ranks) and rank 0 pushes it. The references are indepen
 code under test: B's own safetensors files (compared bit for bit) and transformers' greedy
 decoding of B (which must differ from A's, so a push that changed nothing would fail).
 
-One 4-rank spawn covers all three methods (spawning dominates the cost).
+One 4-rank spawn covers all three methods (spawning dominates the cost), plus the per-stage
+distributed push ("staged"): each pipeline stage's tp=0 rank sends the layers its stage owns
+over its own weight-update group, stage 0 coordinating the engine's session.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tests.models.tiny_hf import save_hf_model
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("disk", "tensor", "distributed")
+METHODS = ("disk", "tensor", "distributed", "staged")
 PROMPT = [5, 17, 33, 8, 120, 61]
 MAX_NEW = 8
 GREEDY = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
@@ -59,9 +61,11 @@ def _trainer_rank(a_dir: str, b_mcore: str, url: str, disk_root: str, names: lis
     receives tensors, talks to the engine and returns what the engine reports back.
     """
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from erpo_mega.models.builder import build_gpt_model
     from erpo_mega.models.convert import load_weights_into, read_model_config
+    from erpo_mega.orchestration.engines import StagedWeightSync
     from erpo_mega.parallel.dist import free_port, init_distributed
     from erpo_mega.rollout.client import SGLangClient
     from erpo_mega.weights.export import iter_hf_weights
@@ -73,15 +77,32 @@ def _trainer_rank(a_dir: str, b_mcore: str, url: str, disk_root: str, names: lis
     load_weights_into([model], b_mcore, cfg)
     rank0 = dist.get_rank() == 0
 
-    client = sender = None
+    client = sender = staged = None
+    leader = ps.get_tensor_model_parallel_rank() == 0      # this stage's sender in the staged push
     if rank0:
         client = SGLangClient(url, timeout=300, max_retries=1, backoff=0.1)
         # A separate TCPStore + gloo group (trainer rank 0, engine rank 1): not megatron's default group.
         sender = DistributedWeightSender([client], "127.0.0.1", free_port(), backend="gloo").connect()
+    if leader:  # the tp=0 ranks of both stages: their pipeline group is the leaders' group
+        staged = StagedWeightSync(ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank(),
+                                  [client] if rank0 else None, address="127.0.0.1", backend="gloo").connect()
     results: dict = {}
     try:
         for method in METHODS:
-            named = iter_hf_weights([model], cfg)
+            if method == "staged":
+                named = iter_hf_weights([model], cfg, yield_on="stage")
+                if not rank0:
+                    pushed_here: list[str] = []
+                    if leader:
+                        staged.sync(((n, t) for n, t in named if not pushed_here.append(n)), "v-staged",
+                                    BUCKET_BYTES)
+                        results["stage1_pushed"] = pushed_here
+                    else:
+                        for _ in named:
+                            raise AssertionError("only stage leaders should receive exported tensors")
+                    continue
+            else:
+                named = iter_hf_weights([model], cfg)
             if not rank0:
                 for _ in named:  # lockstep: take part in the collectives; nothing is yielded here
                     raise AssertionError("only global rank 0 should receive exported tensors")
@@ -95,8 +116,12 @@ def _trainer_rank(a_dir: str, b_mcore: str, url: str, disk_root: str, names: lis
                     pushed.append(name)
                     yield name, t
 
-            report = push_weights(recording(named), [client], method=method, bucket_bytes=BUCKET_BYTES,
-                                  weight_version=f"v-{method}", disk_dir=f"{disk_root}/{method}", sender=sender)
+            if method == "staged":
+                report = staged.sync(recording(named), "v-staged", BUCKET_BYTES)
+            else:
+                report = push_weights(recording(named), [client], method=method, bucket_bytes=BUCKET_BYTES,
+                                      weight_version=f"v-{method}", disk_dir=f"{disk_root}/{method}",
+                                      sender=sender)
             after = client.generate([PROMPT], GREEDY)[0]
             weights = {}
             for name in names:
@@ -110,8 +135,12 @@ def _trainer_rank(a_dir: str, b_mcore: str, url: str, disk_root: str, names: lis
     finally:
         if sender is not None:
             sender.close()
+        if staged is not None:
+            staged.close()
     dist.barrier()
-    return results if rank0 else None
+    if rank0:
+        return results
+    return results or None
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +170,8 @@ def pushed(setup, references):
     names = sorted(references["b_tensors"])
     per_rank = run_distributed(_trainer_rank, 4, str(setup["a_dir"]), str(setup["b_mcore"]), setup["url"],
                                str(setup["root"] / "pushed"), names, timeout_s=600)
-    assert per_rank[1:] == [None, None, None]
+    assert per_rank[1] is None and per_rank[3] is None   # tp=1 ranks only take part in collectives
+    per_rank[0]["staged"]["stage1_pushed"] = per_rank[2]["stage1_pushed"]
     return per_rank[0]
 
 
@@ -159,9 +189,18 @@ def test_push_replaces_a_with_b(pushed, references, method):
     assert got["before"] == references["a_greedy"]
     assert got["before_version"] == A_VERSION
     # ... the export sent each of B's tensors once, in several buckets ...
+    if method == "staged":  # stage 0 sent its own layers, stage 1's leader the rest, over its own group
+        stage1 = got["stage1_pushed"]
+        assert stage1 and got["pushed"] and not set(stage1) & set(got["pushed"])
+        assert "lm_head.weight" in stage1 and "model.embed_tokens.weight" in got["pushed"]
+        mine = got["pushed"]
+        got["pushed"] = mine + stage1
+        assert got["tensors"] == len(mine)
+        assert got["bytes"] == sum(b_tensors[n].numel() * b_tensors[n].element_size() for n in mine)
+    else:
+        assert got["tensors"] == len(b_tensors) and got["buckets"] > 1
+        assert got["bytes"] == sum(t.numel() * t.element_size() for t in b_tensors.values())
     assert sorted(got["pushed"]) == sorted(b_tensors) and len(got["pushed"]) == len(set(got["pushed"]))
-    assert got["tensors"] == len(b_tensors) and got["buckets"] > 1
-    assert got["bytes"] == sum(t.numel() * t.element_size() for t in b_tensors.values())
     # ... and afterwards the engine holds B bit for bit, reports the new version and decodes like B.
     assert got["info_version"] == f"v-{method}"
     assert got["after_version"] == f"v-{method}"
