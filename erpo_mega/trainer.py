@@ -53,6 +53,7 @@ from erpo_mega.orchestration.step_guards import (
     rollout_logp_gap,
 )
 from erpo_mega.rewards.registry import get_reward_fn
+from erpo_mega.rollout.client import EngineError
 from erpo_mega.run_config import RunConfig, load_run_config
 from erpo_mega.run_dir import (
     RunDirError,
@@ -470,6 +471,12 @@ class Trainer:
             if self.rank == 0:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
             return summary
+        except EngineError as e:  # an engine died or stopped answering: name it and stop, no traceback
+            detail = self.engines.describe_failure(e) if self.engines is not None else str(e)
+            last = self._last_checkpoint()
+            kept = f"the last checkpoint ({last}) is intact, continue with --resume" if last else \
+                "no checkpoint had been written yet"
+            raise RolloutProblem(f"a rollout engine failed at RL step {self.step + 1}: {detail}; {kept}") from None
         finally:
             self.close()
 
