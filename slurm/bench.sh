@@ -9,6 +9,7 @@
 #
 # SWEEP: one point per word, NODES:TP:PP[:PLACEMENT[:BUCKET_MB]] (PLACEMENT colocated|disaggregated).
 # Points run one after another inside this allocation; a failing point is reported and skipped.
+# First (COLLECTIVES=1, default) the collectives' bus bandwidth across all nodes -> $OUT/collectives.md.
 #SBATCH --job-name=erpo-bench
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=2
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 CONFIG="${CONFIG:-examples/tiny_cpu.yaml}"
-SWEEP="${SWEEP:-1:1:1 2:1:1}"
+SWEEP="${SWEEP-1:1:1 2:1:1}"                    # SWEEP="" with COLLECTIVES=1: the collectives only
 STEPS="${STEPS:-3}"                             # timed RL steps per point
 WARMUP="${WARMUP:-1}"                           # untimed steps first
 BENCH_ARGS="${BENCH_ARGS:-}"                    # overrides for every point, e.g. "bench.model=qwen2.5-7b bench.response_len=1024"
@@ -51,6 +52,17 @@ ensure_model() {
 export MODEL_DIR CONFIG ENGINE ENGINE_ARGS ENGINE_TIMEOUT TASKS_PER_NODE GPUS_PER_NODE OMP_NUM_THREADS
 
 failed=0
+if [[ "${COLLECTIVES:-1}" != 0 ]]; then
+    # Component: collective bus bandwidth across all nodes of the allocation, one rank per node
+    # (nccl-tests' busbw; NCCL on GPU nodes, gloo on CPU).
+    master=$(scontrol show node "${ALL_NODES[0]}" | grep -oP 'NodeAddr=\K\S+' || echo "${ALL_NODES[0]}")
+    mkdir -p "$OUT"
+    echo "[bench.sh $(date +%H:%M:%S)] collectives across ${#ALL_NODES[@]} node(s)"
+    MASTER_ADDR="$master" MASTER_PORT=$((29500 + ${SLURM_JOB_ID:-0} % 1000)) \
+        srun --overlap --nodes="${#ALL_NODES[@]}" --ntasks="${#ALL_NODES[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        "$PYTHON" -m erpo_mega.bench.collectives --sizes-mb ${COLLECTIVE_SIZES_MB:-1 16 128} \
+        --json "$OUT/collectives.json" | tee "$OUT/collectives.md" || { echo "[bench.sh] collectives FAILED" >&2; failed=1; }
+fi
 for point in $SWEEP; do
     IFS=: read -r nodes tp pp placement bucket <<< "$point"
     placement="${placement:-colocated}"
@@ -75,5 +87,7 @@ for point in $SWEEP; do
         failed=1
     fi
 done
-"$PYTHON" -m erpo_mega.cli bench merge "$OUT" --out "$OUT/scaling"
+if [[ -n "$SWEEP" ]]; then
+    "$PYTHON" -m erpo_mega.cli bench merge "$OUT" --out "$OUT/scaling" || failed=1
+fi
 exit "$failed"

@@ -21,6 +21,9 @@ class BenchSection:
     placement: str = field(default="auto", metadata=choices("auto", "colocated", "disaggregated"))
     nodes: int | None = field(default=None, metadata=bounds(ge=1))  # None: $SLURM_JOB_NUM_NODES or 1
     engine_devices: int | None = field(default=None, metadata=bounds(ge=1))  # None: engines x engine_tp
+    # component runs: "rollout" (generation only, no log-prob/update/sync), "train" (log-prob + update
+    # on synthetic responses, no engines, no sync); None: the whole RL step
+    only: str | None = field(default=None, metadata=choices(None, "rollout", "train"))
 
     def __post_init__(self) -> None:
         validate(self)

@@ -87,12 +87,39 @@ class BenchTrainer(Trainer):
         cfg, b = self.cfg.rollout, self.cfg.bench
         pb = batcher.next_batch()
         prompt_ids = [train.input_ids[i] for i in pb.indices]
+        if b.only == "train":
+            r = self._synthetic_rollout(pb, prompt_ids, step)
+            self.rollouts.append(r)
+            return r
         r = generate_rollout(self.engines.generate_client, pb, prompt_ids, _IdsText(), self._reward,
                              run_seed=self.cfg.seed, step=step, max_new_tokens=b.response_len,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                              concurrency=cfg.max_concurrency, extra_sampling={"ignore_eos": True})
         self.rollouts.append(r)
         return r
+
+    def _synthetic_rollout(self, pb, prompt_ids, step: int) -> Rollout:
+        """Train-only runs: random response ids of the forced length instead of an engine's."""
+        n, rl = len(pb.expanded()), self.cfg.bench.response_len
+        rng = random.Random(self.cfg.seed * 1000003 + step)
+        pool = self._synthetic_prompts(1)[0]
+        expanded = pb.expanded()
+        return Rollout(items=[it for _, it in expanded], group_ids=[g for g, _ in expanded],
+                       prompt_ids=[prompt_ids[g] for g, _ in expanded],
+                       response_ids=[[rng.choice(pool) for _ in range(rl)] for _ in range(n)],
+                       rollout_logp=[[0.0] * rl for _ in range(n)], texts=[""] * n,
+                       rewards=self._reward.batch(None, [""] * n), truncated=[False] * n, weight_versions=[None] * n)
+
+    def _sync_weights(self, version: str) -> dict:
+        if self.cfg.bench.only == "train":  # no engines to update
+            return {}
+        return super()._sync_weights(version)
+
+    def _rollout_only_step(self, step: int, batcher: PromptBatcher, train) -> dict:
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            self._rollout(step, batcher, train)
+        return {"time/rollout": time.perf_counter() - t0}
 
     # ----------------------------------------------------------------- the run -----------------
     def bench(self, steps: int, warmup: int) -> dict | None:
@@ -112,12 +139,15 @@ class BenchTrainer(Trainer):
             self.worker = self._new_worker(cfg.train.optim, self.init_dir)
             if cfg.algo.loss.kl_coef > 0:
                 self.ref_worker = self._new_worker(cfg.train.optim, self.init_dir)
-            if cfg.rollout.engine != "external":
+            only = cfg.bench.only
+            if cfg.rollout.engine != "external" and only != "train":
                 engine_dir = self._export_hf_dir(self.run_dir / "engine_init")
-            if self.rank == 0:
+            if self.rank == 0 and only != "train":
                 self.engines = EnginePool(cfg.rollout, self.run_dir, cfg.seed).start(
                     engine_dir if cfg.rollout.engine != "external" else None)
-            if cfg.rollout.engine == "external":
+            if only == "train":
+                self._gap_checked = True  # synthetic responses carry no engine log-probs to compare
+            if cfg.rollout.engine == "external" and only != "train":
                 # Engines started by the launcher serve their own model dir; the trainer's random
                 # init differs, so push it once (untimed) before the first step, as a resumed run
                 # would: rollouts then come from the weights the trainer scores.
@@ -128,7 +158,10 @@ class BenchTrainer(Trainer):
                 for i in range(warmup + steps):
                     _barrier()  # every rank starts the step together: step time is the slowest rank's
                     t0 = time.perf_counter()
-                    m = self.rl_step(i, batcher, train)
+                    if only == "rollout":
+                        m = self._rollout_only_step(i, batcher, train)
+                    else:
+                        m = self.rl_step(i, batcher, train)
                     step_s = time.perf_counter() - t0
                     self.step += 1
                     if self.metrics:
@@ -217,11 +250,16 @@ def summarize(cfg, model_cfg: ModelConfig, raw: dict, steps: int, warmup: int) -
     per_dev = {"rollout": lay["engine_devices"], "logprob": lay["train_devices"], "train": lay["train_devices"],
                "sync": lay["train_devices"]}
     phase_flops = {"rollout": fwd, "logprob": fwd * logprob_passes, "train": 3 * fwd, "sync": 0.0}
+    only = cfg.bench.only
+    active = {"rollout": ("rollout",), "train": ("logprob", "train")}.get(only, PHASES)
+    for p in PHASES:
+        if p not in active:  # a component run: the phase did not run (train-only: its synthetic
+            secs[p], tokens[p], phase_flops[p] = 0.0, 0.0, 0.0  # rollout is counted as overhead)
     phases = {}
     for p in PHASES:
         s = secs[p]
         tps = tokens[p] / s if s > 0 else 0.0
-        phases[p] = {"seconds": s, "tokens": tokens[p], "tokens_per_s": tps,
+        phases[p] = {"seconds": s, "tokens": tokens[p], "tokens_per_s": tps, "ran": p in active,
                      "tokens_per_s_per_device": tps / per_dev[p], "devices": per_dev[p],
                      "fraction_of_step": s / step_s if step_s else 0.0}
         if phase_flops[p]:
@@ -232,6 +270,7 @@ def summarize(cfg, model_cfg: ModelConfig, raw: dict, steps: int, warmup: int) -
     phases["sync"].update(bytes=sync_bytes, bytes_per_s=sync_bytes / secs["sync"] if secs["sync"] else 0.0,
                           transfer_seconds=sync_xfer)
     overhead = step_s - sum(secs.values())
+    # the step time measured around the phases that ran (train-only: includes making the synthetic rollout)
     forced = all(len(r) == cfg.bench.response_len for ro in rollouts for r in ro.response_ids)
     mem = raw["memory"]
     return {
@@ -250,7 +289,7 @@ def summarize(cfg, model_cfg: ModelConfig, raw: dict, steps: int, warmup: int) -
                      "response_len": cfg.bench.response_len, "forced_lengths_held": forced,
                      "updates_per_step": cfg.algo.updates_per_step, "logprob_passes": logprob_passes,
                      "micro_batch_tokens": cfg.train.parallel.micro_batch_tokens,
-                     "steps": steps, "warmup": warmup},
+                     "steps": steps, "warmup": warmup, "only": only},
         "device": dev,
         "phases": phases,
         "step_seconds": step_s,
