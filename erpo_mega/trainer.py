@@ -77,17 +77,18 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    """Wait for rank 0 (disk writes, engine start-up) on the CPU wait group, not the NCCL one."""
+    from erpo_mega.parallel.dist import wait_for_rank0
+
+    wait_for_rank0()
 
 
 def _broadcast(obj):
-    """Rank 0's python object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    """Rank 0's python object on every rank; the others wait on the CPU wait group, whose
+    timeout (`train.parallel.rank0_wait_timeout_s`) covers a whole rollout or eval."""
+    from erpo_mega.parallel.dist import broadcast_from_rank0
+
+    return broadcast_from_rank0(obj)
 
 
 def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
@@ -122,7 +123,7 @@ class Trainer:
 
         cfg = self.cfg
         par = cfg.train.parallel
-        init_distributed(par.tp, par.pp, seed=par.seed)
+        init_distributed(par.tp, par.pp, seed=par.seed, rank0_wait_s=par.rank0_wait_timeout_s)
         self.rank = _rank()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,42 @@ class Trainer:
         _barrier()
         return out
 
+    def _start_engines(self, fresh: bool) -> None:
+        """Start (or connect to) the engines so they serve the policy's current weights.
+
+        `fresh`: the weights are exactly the initial ones (no SFT, not resumed). Engines
+        launched here start from the HF `model.init_from` when there is one (no export at
+        start) and get the current weights pushed over the sync path when they differ;
+        without an HF source they start from an export of the current weights. External
+        engines were started from MODEL_DIR by someone else: anything else is pushed.
+        """
+        cfg = self.cfg
+        hf_source = self.init_dir if self.init_dir is not None and _is_hf_dir(self.init_dir) else None
+        start_dir, push = None, False
+        if cfg.rollout.engine == "external":
+            push = not (fresh and hf_source is not None)
+        elif hf_source is not None:
+            start_dir, push = hf_source, not fresh
+        else:
+            start_dir = self._export_hf_dir(self.run_dir / "engine_init")  # collective
+        if self.rank == 0:
+            self.engines = EnginePool(cfg.rollout, self.run_dir, cfg.seed).start(start_dir)
+            if self.step and not push:  # started from an export of the restored weights
+                for e in self.engines.engines:
+                    e.update_weight_version(str(self.step))
+        _barrier()  # the other ranks wait on the CPU group while rank 0 starts the engines
+        if push:
+            self._sync_weights(str(self.step))
+
     def _sync_weights(self, version: str) -> dict:
+        if self.cfg.rollout.sync_method == "distributed" and self.cfg.train.parallel.pp > 1:
+            # every pipeline stage sends its own layers over its own group (engines.PipelineStageSync)
+            if getattr(self, "_stage_sync", None) is None:
+                from erpo_mega.orchestration.engines import PipelineStageSync
+
+                self._stage_sync = PipelineStageSync(self.cfg.rollout)
+            report = self._stage_sync.sync(self.worker.model_chunks, self.model_cfg, self.engines, version)
+            return {"sync_bytes": float(report.bytes), "sync_seconds": report.seconds} if self.rank == 0 else {}
         named = self._export()
         if self.rank == 0:
             report = self.engines.sync(named, version)
@@ -436,12 +472,7 @@ class Trainer:
                 if self.metrics and mode == "train":  # RL rows of the killed attempt are all redone
                     self.metrics.close()
                     self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=-1)
-            engine_dir = self._export_hf_dir(self.run_dir / "engine_init")
-            if self.rank == 0:
-                self.engines = EnginePool(cfg.rollout, self.run_dir, cfg.seed).start(engine_dir)
-                if self.step:  # resumed: the engines hold the checkpoint's weights
-                    for e in self.engines.engines:
-                        e.update_weight_version(str(self.step))
+            self._start_engines(fresh=self.step == 0 and start_dir is None)
             if self.step == 0 and mode == "train":
                 self._eval(eval_sets, 0)
             if mode == "eval":
@@ -481,6 +512,9 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
+        if getattr(self, "_stage_sync", None) is not None:
+            self._stage_sync.close()
+            self._stage_sync = None
         if self.engines is not None:
             self.engines.close()
             self.engines = None

@@ -48,8 +48,12 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
+    """Rank 0 alone writes train_state/manifest and renames (disk syncs can be slow on shared
+    file systems): wait for it on the CPU wait group, not a default-group collective."""
     if dist.is_initialized():
-        dist.barrier()
+        from erpo_mega.parallel.dist import wait_group
+
+        dist.barrier(group=wait_group())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -18,6 +18,9 @@ class ParallelConfig:
     micro_batch_tokens: int = field(default=4096, metadata=bounds(ge=1))  # packed tokens per micro-batch
     pad_multiple: int = field(default=1, metadata=bounds(ge=1))  # round micro-batch lengths (8 on GPU helps)
     seed: int = 1234
+    # How long the other ranks wait (on a CPU/gloo group) while rank 0 alone runs rollout,
+    # rewards, eval or disk syncs; size it to the longest of those, not to a collective.
+    rank0_wait_timeout_s: float = field(default=6 * 3600.0, metadata=bounds(gt=0))
 
     def __post_init__(self) -> None:
         validate(self)
