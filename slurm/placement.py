@@ -234,6 +234,8 @@ def make_plan(spec: LaunchSpec) -> Plan:
                                              f"nodes ({len(nodes)}), got {n_roll}")
         train_nodes, engine_nodes = nodes[:-n_roll], nodes[-n_roll:]
 
+    if spec.engine == "embedded" and spec.engine_tp != 1:
+        raise PlanError("ENGINE_TP", f"the embedded engine runs one rank per server; use 1 (got {spec.engine_tp})")
     # Engine slots of a node: its GPUs, or on a CPU job its task slots. One server per ENGINE_TP of them.
     slots = spec.gpus_per_node or spec.tasks_per_node
     engines_per_node = 0

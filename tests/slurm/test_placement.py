@@ -153,6 +153,7 @@ def test_job_scripts_differ_only_in_their_variables():
     ({"ENGINE_TP": "3"}, "ENGINE_TP"),
     ({"PLACEMENT": "sideways"}, "PLACEMENT"),
     ({"TASKS_PER_NODE": "9"}, "TASKS_PER_NODE"),     # more ranks than GPUs
+    ({"ENGINE": "embedded", "ENGINE_TP": "2"}, "ENGINE_TP"),  # the embedded engine is one rank
 ])
 def test_bad_settings_fail_naming_the_variable(model_dir, env, key):
     rc, _, err = dry_run("slurm/erpo_7b.sh", "gpu[01-02]", MODEL_DIR=model_dir, **env)
