@@ -193,5 +193,5 @@ def write_samples(path, eval_sets: list[EvalSet], rollouts: list[Rollout]) -> No
                 fh.write(json.dumps({
                     "set": es.label, "problem": i // k, "sample": i % k, "answer": item.answer,
                     "reward": ro.rewards[i], "response_len": len(ro.response_ids[i]),
-                    "truncated": ro.truncated[i], "response": text}) + "\n")
+                    "truncated": ro.truncated[i], "response": text, "response_ids": ro.response_ids[i]}) + "\n")
     tmp.replace(path)

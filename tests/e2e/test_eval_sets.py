@@ -73,3 +73,43 @@ def test_eval_command_prints_a_table_per_set(sets_run, tmp_path):
     assert len(lines) == 2, table
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["val/samples"] == 4.0 and result["tst/num_prompts"] == 3.0
+
+
+def test_entropy_and_cdp_fraction_match_a_transformers_forward(sets_run):
+    """The final eval scores with the final weights: recompute every token's entropy at the set's
+    temperature with transformers on final_hf, and the CDP share by brute force per problem."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from erpo_mega.data.builtin_task import ArithmeticTask
+    from erpo_mega.data.prompts import encode_prompt
+    from erpo_mega.data.tokenizer import load_tokenizer
+    from erpo_mega.run_config import load_run_config
+
+    run_dir, _ = sets_run
+    cfg = load_run_config(str(run_dir / "config.yaml"))
+    tok = load_tokenizer(run_dir / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final_hf", torch_dtype=torch.float32).eval()
+    task = ArithmeticTask(cfg.data.builtin, seed=cfg.data.seed)
+    final = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"][-1]
+    samples = [json.loads(line) for line in (run_dir / "eval_samples" / "step_000001.jsonl").read_text().splitlines()]
+    tau = cfg.algo.erpo.tau
+    for name, spec in SETS.items():
+        items = task.items(spec["split"], spec["num_prompts"])
+        all_h, n_cdp = [], 0
+        for p, item in enumerate(items):
+            prompt = encode_prompt(item, tok, cfg.data)
+            group = []
+            for s in (s for s in samples if s["set"] == name and s["problem"] == p):
+                ids = torch.tensor([prompt + s["response_ids"]])
+                with torch.no_grad():
+                    logits = model(ids).logits[0, len(prompt) - 1: -1].double() / spec["temperature"]
+                logp = torch.log_softmax(logits, -1)
+                group.append(-(logp.exp() * logp).sum(-1))
+            h = torch.cat(group)
+            z = (h - h.mean()) / (h.std(unbiased=False) + cfg.algo.erpo.eps)
+            n_cdp += int((z > tau).sum())
+            all_h.append(h)
+        h = torch.cat(all_h)
+        assert final[f"{name}/entropy_mean"] == pytest.approx(float(h.mean()), rel=1e-4, abs=1e-5), name
+        assert final[f"{name}/cdp_fraction"] == pytest.approx(n_cdp / h.numel(), abs=1.5 / h.numel()), name
