@@ -36,6 +36,12 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same values in one op for fp32 (the decode path counts ops); else `forward`."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self(x)
+
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [B, S, head_dim] for integer positions [B, S] (HF 'default' rope)."""
@@ -278,12 +284,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def prefill_slots(self, x, cos, sin, mask, layer, cache, slots):
-        x = x + self.self_attn.prefill_slots(self.input_layernorm(x), cos, sin, mask, layer, cache, slots)
-        return x + self.mlp.fused_forward(self.post_attention_layernorm(x))
+        x = x + self.self_attn.prefill_slots(self.input_layernorm.fast(x), cos, sin, mask, layer, cache, slots)
+        return x + self.mlp.fused_forward(self.post_attention_layernorm.fast(x))
 
     def decode_slots(self, x, cos, sin, mask, layer, cache, pos, width):
-        x = x + self.self_attn.decode_slots(self.input_layernorm(x), cos, sin, mask, layer, cache, pos, width)
-        return x + self.mlp.fused_forward(self.post_attention_layernorm(x))
+        x = x + self.self_attn.decode_slots(self.input_layernorm.fast(x), cos, sin, mask, layer, cache, pos, width)
+        return x + self.mlp.fused_forward(self.post_attention_layernorm.fast(x))
 
 
 class _Backbone(nn.Module):
@@ -367,7 +373,7 @@ class TorchLLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer.prefill_slots(x, cos, sin, mask, i, cache, slots)
         cache.lens[slots.cpu()] = lengths.cpu()
-        return self.model.norm(x)
+        return self.model.norm.fast(x)
 
     def decode_slots(self, tokens: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
         """One token per active slot (tokens [B], B == cache.active); returns logits [B, V] fp32."""
@@ -383,7 +389,7 @@ class TorchLLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer.decode_slots(x, cos, sin, mask, i, cache, pos, width)
         cache.lens[:b] += 1
-        return self.lm_head(self.model.norm(x[:, 0])).float()
+        return self.lm_head(self.model.norm.fast(x[:, 0])).float()
 
     def new_slot_cache(self, slots: int = 8, capacity: int = 64) -> SlotKVCache:
         p = self.lm_head.weight

@@ -173,3 +173,24 @@ def test_one_request_with_large_n_respects_max_running_requests(tmp_path, monkey
         engine.shutdown()
     assert len(outs) == 10 and all(len(o["output_ids"]) == 6 for o in outs)
     assert max(peak) == 4 and sum(peak) >= 10 * 5 // 4  # ran in parts, never more than 4 at once
+
+
+def test_huge_text_is_refused_before_tokenizing(tmp_path):
+    from erpo_mega.rollout.protocol import ProtocolError
+    from tests.rollout.helpers import save_tiny_tokenizer
+
+    save_tiny_model(tmp_path, "qwen2", seed=2)
+    save_tiny_tokenizer(tmp_path / "tok")
+    engine = Engine(str(tmp_path), tokenizer_path=str(tmp_path / "tok"))
+    engine.load()
+    try:
+        calls = []
+        real = engine.tokenizer.encode
+        engine.tokenizer.encode = lambda text, *a, **k: (calls.append(len(text)), real(text, *a, **k))[1]
+        with pytest.raises(ProtocolError, match=r"text: prompt 0 has 5000000 characters, more than the context"):
+            engine.generate({"text": "x" * 5_000_000, "sampling_params": {"max_new_tokens": 1}})
+        assert calls == []                                    # refused before the tokenizer saw it
+        out = engine.generate({"text": "<t5> <t6>", "sampling_params": {"max_new_tokens": 2}})
+        assert calls == [9] and len(out["output_ids"]) == 2
+    finally:
+        engine.shutdown()

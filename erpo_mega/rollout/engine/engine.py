@@ -38,6 +38,9 @@ from erpo_mega.rollout.tensor_wire import (
 
 log = logging.getLogger("erpo_mega.engine")
 
+# A generous bound on characters per token, so an oversized text is refused before tokenizing.
+MAX_CHARS_PER_TOKEN = 64
+
 
 class EngineUnavailable(RuntimeError):
     """Generation refused for a state reason (memory released); answered with HTTP 409."""
@@ -216,6 +219,11 @@ class Engine:
             if self.tokenizer is None:
                 raise P.ProtocolError("text: the server has no tokenizer; send input_ids")
             text = req.text[i] if req.is_batch else req.text
+            limit = MAX_CHARS_PER_TOKEN * self.model.config.max_position_embeddings
+            if len(text) > limit:  # refuse before tokenizing: a huge text costs GBs in the tokenizer
+                raise P.ProtocolError(f"text: prompt {i} has {len(text)} characters, more than the context "
+                                      f"length {self.model.config.max_position_embeddings} tokens can hold "
+                                      f"({MAX_CHARS_PER_TOKEN} characters per token at most)")
             ids = self.tokenizer.encode(text)
         if not ids:
             raise P.ProtocolError(f"input_ids: prompt {i} is empty")

@@ -134,6 +134,7 @@ def sample_batch(raw: torch.Tensor, params: list[SamplingParams], uniforms: list
     temps = torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, params)],
                          dtype=logits.dtype)[:, None]
     scaled = logits / temps
+    scaled_lps = torch.log_softmax(scaled, -1)   # the log-probs returned, and exp() of it the probs
     tokens = torch.empty(b, dtype=torch.long)
     g_rows = [i for i in range(b) if greedy[i]]
     plain = [i for i in range(b) if not greedy[i] and not _truncates(params[i])]
@@ -144,16 +145,16 @@ def sample_batch(raw: torch.Tensor, params: list[SamplingParams], uniforms: list
     elif g_rows:
         tokens[g_rows] = logits[g_rows].argmax(-1)
     if len(plain) == b:
-        tokens = _draw(torch.softmax(scaled, -1), u)
+        tokens = _draw(scaled_lps.exp(), u)
     elif plain:
-        tokens[plain] = _draw(torch.softmax(scaled[plain], -1), u[plain])
+        tokens[plain] = _draw(scaled_lps[plain].exp(), u[plain])
     if trunc:
-        sorted_p, order = torch.softmax(scaled[trunc], -1).sort(-1, descending=True)
+        sorted_p, order = scaled_lps[trunc].exp().sort(-1, descending=True)
         kept = torch.where(_keep_sorted(sorted_p, *_row_params([params[i] for i in trunc], v)), sorted_p, 0.0)
         pick = _draw(kept, u[trunc])
         tokens[trunc] = order.gather(1, pick[:, None])[:, 0]
-    base = raw if return_original_logprob() else scaled
-    lps = torch.log_softmax(base, -1).gather(1, tokens[:, None])[:, 0]
+    all_lps = torch.log_softmax(raw, -1) if return_original_logprob() else scaled_lps
+    lps = all_lps.gather(1, tokens[:, None])[:, 0]
     return tokens.tolist(), lps.tolist()
 
 
