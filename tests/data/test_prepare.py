@@ -140,6 +140,10 @@ def test_refuses_to_overwrite_and_names_bad_input(tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
     with pytest.raises(DataError, match="missing.csv: no such file"):
         prepare("gsm8k", tmp_path / "o.jsonl", inputs=[str(tmp_path / "missing.csv")])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="broken.parquet: cannot read parquet file"):
+        prepare("gsm8k", tmp_path / "o.jsonl", inputs=[str(tmp_path / "broken.parquet")])
+    assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(DataError, match="either --input"):
         prepare("gsm8k", tmp_path / "o.jsonl")
     with pytest.raises(DataError, match=r"\.jsonl or \.parquet"):
