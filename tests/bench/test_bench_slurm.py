@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ..slurm.test_local_cluster_jobs import sbatch, wait_job
+from ..slurm.test_local_cluster_jobs import local_cluster, sbatch, wait_job
 from .test_bench_cli import _cfg
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER = REPO / "tools" / "slurm_local_cluster.sh"
 
 if not os.environ.get("ERPO_REQUIRE_SLURM"):
     if shutil.which("slurmctld") is None:
@@ -29,17 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    state = Path(os.environ.get("ERPO_TEST_BENCH_SLURM_DIR", "/tmp/erpo-slurm-bench-test"))
-    env = dict(os.environ, SLURM_LOCAL_DIR=str(state), ERPO_SLURM_CTLD_PORT="6877", ERPO_SLURM_CPUS="4")
-    for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_LOCAL_DIR"]:
-        del env[key]
-    up = subprocess.run(["bash", str(CLUSTER), "up", "--nodes", "2"], env=env, capture_output=True, text=True,
-                        timeout=180)
-    assert up.returncode == 0, f"local 2-node cluster failed to start:\n{up.stdout}\n{up.stderr}"
-    env["SLURM_CONF"] = str(state / "slurm.conf")
-    yield env
-    subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
+def two_nodes():
+    yield from local_cluster(2)  # its own state dir and free ports, torn down after the module
 
 
 def test_sweep_on_two_nodes_produces_scaling_table(two_nodes, tmp_path):
@@ -47,7 +36,7 @@ def test_sweep_on_two_nodes_produces_scaling_table(two_nodes, tmp_path):
     cfg.write_text(yaml.safe_dump(_cfg(tmp_path / "unused")))
     out = tmp_path / "sweep"
     env = dict(two_nodes, CONFIG=str(cfg), SWEEP="1:1:1 2:1:1", STEPS="1", WARMUP="1", TASKS_PER_NODE="1",
-               OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1", COLLECTIVE_SIZES_MB="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     job = sbatch(env, ["--nodes=2", f"--output={tmp_path / 'job.out'}", str(REPO / "slurm/bench.sh")])
     fields = wait_job(env, job, timeout_s=600)
@@ -66,5 +55,8 @@ def test_sweep_on_two_nodes_produces_scaling_table(two_nodes, tmp_path):
     base = one["step"]["tokens_per_s"]
     assert rows[1]["speedup"] == pytest.approx(two["step"]["tokens_per_s"] / base)
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["speedup"] / 2)
+    coll = json.loads((out / "collectives.json").read_text())  # one gloo rank on each node
+    assert {r["op"] for r in coll} == {"all_reduce", "all_gather", "broadcast"}
+    assert all(r["ranks"] == 2 and r["backend"] == "gloo" and r["busbw_gbps"] > 0 for r in coll)
     md = (out / "scaling" / "scaling.md").read_text()
     assert "speed-up" in md and md in log  # the merge printed the table into the job log
