@@ -240,3 +240,43 @@ class StagedWeightSync:
         if self.sender is not None:
             self.sender.close()
             self.sender = None
+
+
+class PipelineStageSync:
+    """The trainer's side of per-stage sync (`rollout.sync_method: distributed` with PP > 1).
+
+    Called on every training rank, in lockstep: the stage leaders (tp=0, dp=0) each push their
+    stage's layers through one `StagedWeightSync` (created on first use, kept for the run);
+    the other ranks take part in the export's TP collectives. Global rank 0 (stage 0's
+    leader) holds the `EnginePool`; its report covers stage 0's share of the bytes.
+    """
+
+    def __init__(self, cfg: RolloutSection):
+        self.cfg = cfg
+        self._sync: StagedWeightSync | None = None
+
+    def sync(self, model_chunks, model_cfg, pool: EnginePool | None, version: str) -> PushReport | None:
+        from megatron.core import parallel_state as ps
+
+        from erpo_mega.weights.export import iter_hf_weights
+
+        named = iter_hf_weights(model_chunks, model_cfg, yield_on="stage")
+        leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        if not leader:
+            for _ in named:
+                pass
+            return None
+        if self._sync is None:
+            stage = ps.get_pipeline_model_parallel_rank()
+            engines = pool.engines if stage == 0 and pool is not None else None
+            self._sync = StagedWeightSync(ps.get_pipeline_model_parallel_group(), stage, engines,
+                                          request_timeout_s=self.cfg.request_timeout_s).connect()
+        return self._sync.sync(named, version, int(self.cfg.bucket_mb * 2**20))
+
+    def close(self) -> None:
+        if self._sync is not None:
+            try:
+                self._sync.close()
+            except Exception as e:  # engines may already be gone at shutdown
+                log.warning("closing the per-stage weight-update group failed: %s", e)
+            self._sync = None
