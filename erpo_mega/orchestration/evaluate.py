@@ -91,10 +91,22 @@ def score_entropy(worker, prompt_ids: list[list[int]], response_ids: list[list[i
     from erpo_mega.algo.advantages import cdp_statistics
     from erpo_mega.megatron.batching import PolicyBatch
 
-    batch = PolicyBatch(prompt_ids=prompt_ids, response_ids=response_ids)
+    keep = [i for i, r in enumerate(response_ids) if r]  # an empty response has no token to score
+    if len(keep) < _dp_size():  # every data-parallel rank needs a sample; a set this small is not scored
+        return {"entropy_mean": float("nan"), "entropy_mean_cdp": float("nan"), "cdp_fraction": float("nan")}
+    batch = PolicyBatch(prompt_ids=[prompt_ids[i] for i in keep], response_ids=[response_ids[i] for i in keep])
     _, entropy = worker.compute_logprobs(batch, temperature=temperature)
-    stats = cdp_statistics(entropy, batch.response_mask(), torch.tensor(group_ids), erpo_cfg)
+    stats = cdp_statistics(entropy, batch.response_mask(), torch.tensor([group_ids[i] for i in keep]), erpo_cfg)
     return {k: float(stats[k]) for k in ("entropy_mean", "entropy_mean_cdp", "cdp_fraction")}
+
+
+def _dp_size() -> int:
+    try:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    except Exception:  # no megatron process groups (unit use): one rank
+        return 1
 
 
 def set_metrics(es: EvalSet, ro: Rollout) -> dict[str, float]:
