@@ -305,8 +305,8 @@ def prepare(source: str, out: str | Path, inputs: list[str] | None = None, hf: s
         rows = (r for f in _input_files(inputs, split) for r in _rows_of_file(f))
     else:
         locs = spec.hf_splits.get(split, spec.hf) if split else spec.hf
-        if isinstance(hf, str):
-            locs = tuple(HFLocation(hf, loc.config, split or loc.split) for loc in locs[:1])
+        if isinstance(hf, str):  # another upload: its default config, the given (or the usual) split
+            locs = (HFLocation(hf, None, split or locs[0].split),)
         rows = _rows_of_hub(locs)
     report = PrepareReport(source, str(out))
     kept: list[dict] = []

@@ -202,6 +202,9 @@ def test_hub_path_loads_every_part_through_datasets(tmp_path, monkeypatch):
     rep = prepare("aime25", tmp_path / "aime25.jsonl", hf=True)
     assert calls == [("opencompass/AIME2025", "AIME2025-I", "test"), ("opencompass/AIME2025", "AIME2025-II", "test")]
     assert rep.kept == 2 and _loaded(tmp_path / "aime25.jsonl") == [("AIME2025-I q", "12"), ("AIME2025-II q", "12")]
+    calls.clear()
+    prepare("aime25", tmp_path / "other.jsonl", hf="math-ai/aime25")  # another upload: default config
+    assert calls == [("math-ai/aime25", None, "test")]
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(DataError, match="needs the `datasets` library"):
         prepare("gsm8k", tmp_path / "g.jsonl", hf=True)
