@@ -17,6 +17,7 @@ from launch import (  # noqa: E402
     _GPU_SHIM,
     gpu_bound,
     job_cpus_per_node,
+    node_addresses,
     parse_node_addrs,
     srun_step,
     write_api_key,
@@ -348,3 +349,16 @@ def test_api_key_file_is_private_fresh_and_never_looks_like_a_flag(tmp_path):
         assert re.fullmatch(r"[0-9a-f]{64}", key)
         keys.add(key)
     assert len(keys) == 300
+
+
+def test_node_addresses_from_scontrol_or_a_clear_error(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\n[ \"$4\" = n1,n2 ] || exit 3\n"
+                    "echo 'NodeName=n1 Arch=x86_64 NodeAddr=10.1.0.1 NodeHostName=a'\n"
+                    "echo 'NodeName=n2 Arch=x86_64 NodeAddr=10.1.0.2 NodeHostName=b'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert node_addresses(["n1", "n2"], required=True) == {"n1": "10.1.0.1", "n2": "10.1.0.2"}
+    with pytest.raises(PlanError, match="no NodeAddr for n3"):  # a real launch never guesses
+        node_addresses(["n3"], required=True)
+    assert node_addresses(["n3"], required=False) == {"n3": "n3"}  # a dry run away from the cluster
