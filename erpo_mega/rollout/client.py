@@ -147,7 +147,8 @@ class SGLangClient:
         return self._post("/generate", body)
 
     # --- server state -------------------------------------------------------------------------
-    def health(self, timeout: float = 5.0) -> bool:
+    def health(self, timeout: float = 10.0) -> bool:
+        """GET /health; SGLang answers it with a one-token generation (>= 1 s), so give it room."""
         try:
             self.request("GET", "/health", retries=0, timeout=timeout)
             return True

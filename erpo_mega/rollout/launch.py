@@ -46,7 +46,7 @@ class ServerHandle:
                 raise EngineError(self.url, f"server exited with code {self.process.returncode} before "
                                   f"becoming healthy; command: {' '.join(self.command)}; "
                                   f"log: {self._tail()}")
-            if c.health(timeout=2.0):
+            if c.health(timeout=10.0):  # SGLang's /health runs a one-token generation (>= 1 s)
                 return self
             time.sleep(0.1)
         self.close()
