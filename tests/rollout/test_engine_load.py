@@ -194,3 +194,45 @@ def test_huge_text_is_refused_before_tokenizing(tmp_path):
         assert calls == [9] and len(out["output_ids"]) == 2
     finally:
         engine.shutdown()
+
+
+def test_weight_updates_under_continuous_load_never_mix_versions(tmp_path):
+    """Greedy completions run while the weights flip between two checkpoints: each one equals
+    the pure output of the checkpoint its `weight_version` names (no completion spans both)."""
+    save_tiny_model(tmp_path / "a", "qwen2", seed=11)
+    save_tiny_model(tmp_path / "b", "qwen2", seed=12)
+    prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23]]
+    body = lambda p: {"input_ids": p, "sampling_params": {"max_new_tokens": 12, "temperature": 0,  # noqa: E731
+                                                          "ignore_eos": True}}
+    engine = Engine(str(tmp_path / "a"), skip_tokenizer_init=True)
+    engine.load()
+    try:
+        ref = {}
+        for name in ("b", "a"):
+            assert engine.update_weights_from_disk({"model_path": str(tmp_path / name),
+                                                    "weight_version": name})["success"]
+            ref[name] = [engine.generate(body(p))["output_ids"] for p in prompts]
+        assert ref["a"] != ref["b"]
+        results, stop = [], threading.Event()
+
+        def client(k):
+            while not stop.is_set():
+                out = engine.generate(body(prompts[k % 3]))
+                results.append((k % 3, out["meta_info"]["weight_version"], out["output_ids"]))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for i in range(8):
+            name = "ab"[i % 2 == 0]
+            out = engine.update_weights_from_disk({"model_path": str(tmp_path / name), "weight_version": name})
+            assert out["success"], out
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.shutdown()
+    assert len({v for _, v, _ in results}) == 2 and len(results) > 20
+    for k, version, ids in results:
+        assert ids == ref[version][k], (k, version)
