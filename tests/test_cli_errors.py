@@ -68,3 +68,16 @@ def test_heads_not_divisible_by_tp_stops_two_ranks_before_data_loading(tmp_path)
         assert "train.parallel.tp" in err and "num_attention_heads 3 % tp=2" in err, err[-2000:]
         assert "bad.jsonl" not in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_damaged_init_from_model_is_one_sentence(tmp_path):
+    from tests.models.tiny_hf import save_hf_model
+
+    hf = save_hf_model("qwen2", tmp_path / "hf", seed=1)
+    shard = sorted(hf.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:200])  # truncated download
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "run", **{"model.init_from": str(hf),
+                                                                              "sft.steps": 0}))
+    proc = _cli(["train", cfg])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert shard.name in proc.stderr and "Traceback" not in proc.stderr
