@@ -141,3 +141,12 @@ def test_router_with_the_same_key_authenticates_both_ways(served, client, tmp_pa
         assert len(out[0].output_ids) == 2
     finally:
         router.close()
+
+
+def test_serve_flags_and_defaults():
+    from erpo_mega.rollout.serve import build_parser
+
+    args = build_parser().parse_args(["--model-path", "m", "--api-key", "k", "--tp-size", "1",
+                                      "--weight-update-timeout", "30"])
+    assert (args.api_key, args.tp, args.weight_update_timeout) == ("k", 1, 30.0)
+    assert build_parser().parse_args(["--model-path", "m"]).host == "127.0.0.1"  # never all interfaces by default
