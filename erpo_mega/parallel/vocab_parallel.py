@@ -148,30 +148,35 @@ def _shifted(chunk: torch.Tensor, row_max: torch.Tensor, temperature: float, out
 
 
 def _chunk_statistics(chunk: torch.Tensor, row_max: torch.Tensor, temperature: float, floor: bool,
-                      d_buf: torch.Tensor, p_out: torch.Tensor, inv_z_out: torch.Tensor,
-                      mean_out: torch.Tensor) -> None:
-    """Local softmax of one chunk into `p_out`, 1/Z_local and the mean of d under it into the outputs.
+                      d_buf: torch.Tensor, p_out: torch.Tensor, stats_out: torch.Tensor) -> None:
+    """Fused softmax of one chunk into `p_out`; per token max(p), sum(p), sum(p d) into `stats_out`.
 
-    d = (x - m) / T has max exactly 0, so the fused softmax's largest entry is exactly 1/Z_local:
-    no separate exp-sum sweep is needed. Where d = -inf the probability is 0 and the product is NaN,
-    which `nansum` skips (a NaN logit still surfaces through 1/Z_local).
+    d = (x - m) / T has max exactly 0, so the softmax's largest entry is 1/Z' for the normaliser Z'
+    the kernel used. That kernel sums the exps in one running fp32 sum per row (relative error
+    growing with V, ~4e-6 at 65k entries), so its p is off by a common factor; `sum(p)` (ATen's
+    cascaded sum, accurate to ~1e-7) measures that factor: Z = Z' sum(p), p_true = p / sum(p).
+    Where d = -inf the probability is 0 and the product is NaN, which `nansum` skips (a NaN
+    logit still surfaces through max(p)).
     """
     d = _shifted(chunk, row_max, temperature, d_buf, floor)
     torch.softmax(d, 1, out=p_out)
-    torch.amax(p_out, 1, out=inv_z_out)
-    torch.nansum(d.mul_(p_out), 1, out=mean_out)
+    torch.amax(p_out, 1, out=stats_out[:, 0])
+    torch.sum(p_out, 1, out=stats_out[:, 1])
+    torch.nansum(d.mul_(p_out), 1, out=stats_out[:, 2])
 
 
-def _local_statistics(flat: torch.Tensor, temperature: float, chunk: int,
-                      keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token on this rank: raw local max m (floored), log Z_local of d, mean of d under p_local.
+def _local_statistics(flat: torch.Tensor, temperature: float, chunk: int, keep: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token on this rank: raw local max m (floored), log Z_local of d, mean of d under the local
+    softmax, and sum(p) of the kernel's softmax p (p_true = p / sum(p); see `_chunk_statistics`).
 
-    `keep`: fp32 `[tokens, V_shard]` buffer that receives p_local for backward, or None.
+    `keep`: fp32 `[tokens, V_shard]` buffer that receives the kernel's p for backward, or None.
     One read of each chunk from memory; the remaining sweeps hit the cache (see module doc).
     """
     n, vs = flat.shape
     f32 = {"dtype": torch.float32, "device": flat.device}
-    row_max, inv_z, mean_d = (torch.empty(n, **f32) for _ in range(3))
+    row_max = torch.empty(n, **f32)
+    stats = torch.empty(n, 3, **f32)  # max(p), sum(p), sum(p d)
     rows = max(1, min(chunk, n))
     d_buf = torch.empty(rows, vs, **f32)
     p_buf = torch.empty(rows, vs, **f32) if keep is None else None
@@ -180,17 +185,17 @@ def _local_statistics(flat: torch.Tensor, temperature: float, chunk: int,
         m = row_max[start:end]
         m.copy_(flat[start:end].amax(dim=1)).clamp_(min=_NEG_FLOOR)
         p_out = keep[start:end] if keep is not None else p_buf[:end - start]
-        _chunk_statistics(flat[start:end], m, temperature, False, d_buf[:end - start], p_out,
-                          inv_z[start:end], mean_d[start:end])
+        _chunk_statistics(flat[start:end], m, temperature, False, d_buf[:end - start], p_out, stats[start:end])
     del d_buf, p_buf
-    log_z = inv_z.log_().neg_()
-    bad = ~torch.isfinite(log_z)
+    bad = ~torch.isfinite(stats).all(dim=1)
     if bool(bad.any()):  # one host sync per call; rare: a token whose whole shard is -inf (or NaN)
-        _fix_rows(flat, temperature, chunk, bad.nonzero().squeeze(1), row_max, log_z, mean_d, keep)
-    return row_max, log_z, mean_d
+        _fix_rows(flat, temperature, chunk, bad.nonzero().squeeze(1), row_max, stats, keep)
+    p_max, p_sum, p_d = stats.unbind(1)
+    log_z = p_sum.log() - p_max.log()
+    return row_max, log_z, p_d / p_sum, p_sum
 
 
-def _fix_rows(flat, temperature, chunk, rows, row_max, log_z, mean_d, keep) -> None:
+def _fix_rows(flat, temperature, chunk, rows, row_max, stats, keep) -> None:
     """Redo the statistics of `rows` with -inf floored (an all -inf shard becomes uniform there; the
     global combination then gives it zero weight because its max is the floor)."""
     for start in range(0, rows.numel(), chunk):
@@ -198,11 +203,10 @@ def _fix_rows(flat, temperature, chunk, rows, row_max, log_z, mean_d, keep) -> N
         x = flat.index_select(0, sel)
         m = x.amax(dim=1).float().clamp_(min=_NEG_FLOOR)
         p = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        inv_z, mean = (torch.empty(sel.numel(), dtype=torch.float32, device=x.device) for _ in range(2))
-        _chunk_statistics(x, m, temperature, True, torch.empty_like(p), p, inv_z, mean)
+        out = torch.empty(sel.numel(), 3, dtype=torch.float32, device=x.device)
+        _chunk_statistics(x, m, temperature, True, torch.empty_like(p), p, out)
         row_max.index_copy_(0, sel, m)
-        log_z.index_copy_(0, sel, inv_z.log_().neg_())
-        mean_d.index_copy_(0, sel, mean)
+        stats.index_copy_(0, sel, out)
         if keep is not None:
             keep.index_copy_(0, sel, p)
 
@@ -222,7 +226,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         keep = None
         if ctx.needs_input_grad[0] and logits.dtype == torch.float32 and n * vs * 4 <= save_bytes:
             keep = torch.empty(n, vs, dtype=torch.float32, device=flat.device)
-        row_max, local_log_z, mean_d = _local_statistics(flat, temperature, chunk, keep)
+        row_max, local_log_z, mean_d, p_sum = _local_statistics(flat, temperature, chunk, keep)
 
         target_x = flat.gather(1, local_t[:, None]).squeeze(1).float()
         local_max = row_max if temperature == 1.0 else (row_max / temperature).clamp_(min=_NEG_FLOOR)
@@ -243,7 +247,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         # H = log Z - sum_j p_j (x_j - M): both terms are >= 0, so nothing cancels.
         entropy = torch.where(act, log_z - sum_exp_d / sum_exp, 0.0)
         logp = torch.where(act, (target_x - global_max) - log_z, 0.0)
-        share = local_z / sum_exp  # p_j = share * p_local_j on this rank
+        share = local_z / (sum_exp * p_sum)  # p_j = share * (the softmax kernel's p_j) on this rank
         log_p_offset = shift - log_z  # log p_j = d_j + log_p_offset
 
         ctx.save_for_backward(logits, local_targets, owned, active, row_max, share, log_p_offset, entropy)
