@@ -386,7 +386,7 @@ def test_large_vocabulary_keeps_fp32_summation_accuracy(save_bytes):
     ref_entropy = -(log_p.exp() * log_p).sum(-1)
     ref_logp = log_p.gather(1, targets[:, None]).squeeze(1)
     ((ref_logp * g1.double()).sum() + (ref_entropy * g2.double()).sum()).backward()
-    assert float((entropy.double() - ref_entropy.detach()).abs().max()) < 2e-6
+    assert float((entropy.detach().double() - ref_entropy.detach()).abs().max()) < 2e-6
     assert float((x.grad.double() - zd.grad).abs().max()) < 2e-6
     # logp is limited by fp32 logits of magnitude ~150 themselves (ulp 1.5e-5)
-    torch.testing.assert_close(logp.double(), ref_logp.detach(), rtol=1e-6, atol=2e-5)
+    torch.testing.assert_close(logp.detach().double(), ref_logp.detach(), rtol=1e-6, atol=2e-5)
