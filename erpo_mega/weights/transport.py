@@ -109,18 +109,19 @@ class _PushSession:
         self._paused: list[SGLangClient] = []
         self._open: list[SGLangClient] = []
 
-    def _each(self, engines, call, what: str, into: list | None = None) -> None:
+    @staticmethod
+    def _each(engines, call, into: list) -> None:
+        """`call` on every engine concurrently; `into` collects those it succeeded on."""
         def one(e):
             call(e)
-            if into is not None:
-                into.append(e)
+            into.append(e)
         _fan_out(engines, one)
 
     def __enter__(self) -> _PushSession:
         try:
             if self.pause_mode is not None:
-                self._each(self.engines, lambda e: e.pause_generation(self.pause_mode), "pause", self._paused)
-            self._each(self.engines, lambda e: e.begin_weight_update(), "begin", self._open)
+                self._each(self.engines, lambda e: e.pause_generation(self.pause_mode), self._paused)
+            self._each(self.engines, lambda e: e.begin_weight_update(), self._open)
         except BaseException:
             self._cleanup()
             raise
