@@ -1,4 +1,4 @@
-"""`erpo-mega` command line: train, sft, eval, convert, serve, plot, bench.
+"""`erpo-mega` command line: train, sft, eval, convert, serve, plot, bench, prepare-data.
 
 Each subcommand is a thin front to one room of the package; heavy imports happen inside the
 subcommand so `erpo-mega --help` is instant.
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("train", "full RL loop (SFT warm start if configured, then ERPO/GRPO)"),
                         ("sft", "supervised warm start only"),
-                        ("eval", "evaluate a checkpoint on the held-out split")):
+                        ("eval", "evaluate a checkpoint: eval.sets (avg@k, pass@k per benchmark) or the held-out split")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 algo.erpo.beta=0.3")
