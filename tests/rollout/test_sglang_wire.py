@@ -188,3 +188,35 @@ def test_api_key_decisions_equal_sglangs(sgl, path, header, key):
     theirs = decide_request_auth(method="POST", path=path, authorization_header=header, api_key=key,
                                  admin_api_key=None, auth_level=level).allowed
     assert request_allowed("POST", path, header, key) == theirs
+
+
+@pytest.mark.slow  # two fresh interpreters import SGLang: ~20-50 s on 2 shared cores
+def test_distributed_bucket_received_by_sglangs_own_group_and_bucket_code(sgl):
+    """Engine TP 2: two receivers join as ranks 1 and 2 (rank_offset 1 + tp_rank) with SGLang's
+    init_custom_process_group, allocate with its FlattenedTensorBucket.empty and get our
+    broadcast bit for bit: same store prefixes, same layout, same world size."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from erpo_mega.parallel.dist import free_port
+    from erpo_mega.rollout.tensor_wire import dtype_name, init_weight_group
+
+    named = align_order(mixed_tensors(3))
+    spec = [[n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named]]
+    port, world = free_port(), 3
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.rollout.sglang_receiver", str(port), str(rank),
+                               str(world), json.dumps(spec)], cwd=root, stdout=subprocess.PIPE, text=True)
+             for rank in (1, 2)]
+    try:
+        group = init_weight_group("127.0.0.1", port, 0, world, "weight_update_group", "gloo", timeout_s=120)
+        group.broadcast(flatten_bucket(named)[0])
+        outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for out in outs:
+        assert out == {n: bits(t).hex() for n, t in named}
