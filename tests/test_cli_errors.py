@@ -70,6 +70,7 @@ def test_heads_not_divisible_by_tp_stops_two_ranks_before_data_loading(tmp_path)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow  # a CLI run up to model set-up: ~20 s idle, ~45 s loaded
 def test_damaged_init_from_model_is_one_sentence(tmp_path):
     from tests.models.tiny_hf import save_hf_model
 

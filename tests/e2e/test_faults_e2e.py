@@ -11,6 +11,7 @@ from erpo_mega.observe.metrics import read_metrics
 from .conftest import REPO, cli_env, run_cli, tiny_config, write_config
 
 
+@pytest.mark.slow  # one short CLI run: ~30 s idle
 def test_engine_returning_untempered_logprobs_stops_at_step_one(tmp_path):
     # The embedded engine honours SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB: with it set, its
     # log-probs are of softmax(z) while sampling (and the trainer) use softmax(z / 0.25).
