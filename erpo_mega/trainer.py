@@ -497,13 +497,16 @@ class Trainer:
             final = self._eval(eval_sets, self.step)
             if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 self._save(batcher)
-            self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
+            with self._resident():
+                self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
             summary = {"step": self.step, "final_eval": final, "last_train": last}
             if self.rank == 0:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
             return summary
         except EngineError as e:  # an engine died or stopped answering: name it and stop, no traceback
-            detail = self.engines.describe_failure(e) if self.engines is not None else str(e)
+            if self.engines is None:
+                raise RolloutProblem(f"starting the rollout engines failed: {e}") from None
+            detail = self.engines.describe_failure(e)
             last = self._last_checkpoint()
             kept = f"the last checkpoint ({last}) is intact, continue with --resume" if last else \
                 "no checkpoint had been written yet"
