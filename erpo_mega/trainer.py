@@ -497,8 +497,7 @@ class Trainer:
             final = self._eval(eval_sets, self.step)
             if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 self._save(batcher)
-            with self._resident():
-                self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
+            self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
             summary = {"step": self.step, "final_eval": final, "last_train": last}
             if self.rank == 0:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
