@@ -41,6 +41,9 @@ class RolloutSection:
     router_url: str | None = None  # external: where /generate goes (sglang-router); default: engine_urls[0]
     num_engines: int = field(default=1, metadata=bounds(ge=1))  # embedded/sglang engines the trainer starts
     engine_tp: int = field(default=1, metadata=bounds(ge=1))
+    # engines share the trainer's GPUs: release their memory while training, offload the
+    # trainer's params/grads/optimizer while generating (orchestration/colocate.py)
+    colocate: bool = False
     host: str = "127.0.0.1"
     base_port: int = field(default=0, metadata=bounds(ge=0, le=65535))  # 0: pick free ports
     prompts_per_step: int = field(default=16, metadata=bounds(ge=1))

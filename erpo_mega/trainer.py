@@ -113,6 +113,7 @@ class Trainer:
         self.worker: PolicyWorker | None = None
         self.ref_worker: PolicyWorker | None = None
         self.engines: EnginePool | None = None
+        self.colocate = None  # ColocatedMemory when rollout.colocate
         self.metrics: MetricsWriter | None = None
         self.step = 0
         self._gap_checked = False  # the engine/trainer log-prob check runs at this process's first RL step
@@ -202,6 +203,7 @@ class Trainer:
     def _export(self):
         from erpo_mega.weights.export import iter_hf_weights
 
+        self.worker.sync_params()  # overlap_param_gather leaves the DP gather to the next forward
         return iter_hf_weights(self.worker.model_chunks, self.model_cfg)
 
     def _export_hf_dir(self, out: Path) -> Path:
@@ -245,6 +247,22 @@ class Trainer:
         _barrier()  # the other ranks wait on the CPU group while rank 0 starts the engines
         if push:
             self._sync_weights(str(self.step))
+
+    def _setup_colocation(self) -> None:
+        """rollout.colocate: engines and trainer take turns with the accelerator memory."""
+        from erpo_mega.orchestration.colocate import ColocatedMemory
+
+        self.colocate = None
+        if not self.cfg.rollout.colocate:
+            return
+        self.colocate = ColocatedMemory(self.worker, self.engines.engines if self.engines else None)
+        self.colocate.start()
+
+    def _resident(self):
+        """The trainer's full state on the accelerator for the duration (colocated: caches released)."""
+        import contextlib
+
+        return self.colocate.trainer_resident() if self.colocate is not None else contextlib.nullcontext()
 
     def _sync_weights(self, version: str) -> dict:
         if self.cfg.rollout.sync_method == "distributed" and self.cfg.train.parallel.pp > 1:
@@ -336,6 +354,8 @@ class Trainer:
                           rewards=r.rewards, group_ids=r.group_ids, truncated=r.truncated,
                           weight_version=_version_number(r.weight_versions))
             ro = _broadcast(ro)
+        if self.colocate is not None:
+            self.colocate.for_training()  # engines release their memory, the trainer onloads
         ro, n_empty, n_dropped = drop_empty_responses(ro)  # nothing to score or train in an empty response
         if not ro["response_ids"]:
             raise RolloutProblem(f"RL step {step + 1}: no prompt has two non-empty responses ({n_empty} empty); "
@@ -364,7 +384,11 @@ class Trainer:
             train_metrics["optimizer_step"] = float(self.worker.step)
         _check_finite(train_metrics, f"RL step {step + 1}", self._last_checkpoint())
         with timer.phase("sync"):
+            if self.colocate is not None:
+                self.colocate.for_sync()
             sync = self._sync_weights(str(step + 1))
+            if self.colocate is not None:
+                self.colocate.after_sync()
         lens = [len(r) for r in ro["response_ids"]]
         out = {
             "reward_mean": float(rewards.mean()),
@@ -405,7 +429,8 @@ class Trainer:
 
     def _save(self, batcher: PromptBatcher) -> None:
         extra = {"step": self.step, "batcher": batcher.state_dict()}
-        self.worker.save(self.run_dir / "checkpoints", extra=extra)
+        with self._resident():
+            self.worker.save(self.run_dir / "checkpoints", extra=extra)
         if self.rank == 0:
             prune_checkpoints(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last)
 
@@ -424,8 +449,9 @@ class Trainer:
         if cfg.eval.entropy:
             shared = _broadcast(None if rollouts is None else
                                 [(r.prompt_ids, r.response_ids, r.group_ids) for r in rollouts])
-            entropy = [score_entropy(self.worker, p, r, g, entropy_temperature(es.cfg), cfg.algo.erpo)
-                       for es, (p, r, g) in zip(eval_sets, shared)]
+            with self._resident():  # colocated: the trainer scores while the engines' caches are released
+                entropy = [score_entropy(self.worker, p, r, g, entropy_temperature(es.cfg), cfg.algo.erpo)
+                           for es, (p, r, g) in zip(eval_sets, shared)]
         if self.rank != 0:
             return None
         m: dict[str, float] = {}
@@ -473,6 +499,7 @@ class Trainer:
                     self.metrics.close()
                     self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard, resume_step=-1)
             self._start_engines(fresh=self.step == 0 and start_dir is None)
+            self._setup_colocation()
             if self.step == 0 and mode == "train":
                 self._eval(eval_sets, 0)
             if mode == "eval":
@@ -497,7 +524,8 @@ class Trainer:
             final = self._eval(eval_sets, self.step)
             if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 self._save(batcher)
-            self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
+            with self._resident():
+                self._export_hf_dir(self.run_dir / "final_hf")  # the trained policy, loadable by transformers
             summary = {"step": self.step, "final_eval": final, "last_train": last}
             if self.rank == 0:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

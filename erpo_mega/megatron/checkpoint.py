@@ -32,7 +32,14 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 MANIFEST = "erpo_manifest.json"
 TRAIN_STATE = "train_state.json"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Optimizer-state formats of megatron's distributed optimizer. "sharded" (routine saves):
+# every rank writes its own DP shard of the flat buffers, no gathering; it reloads at any DP
+# size but only at the saved TP/PP. "reshardable": the state is gathered into per-parameter
+# (model-space) tensors on every DP rank before writing (~ the model-parallel optimizer state
+# per rank: about 45 GB at 7B TP2), and reloads at any TP/PP/DP. `erpo-mega-reshard`
+# (megatron/reshard.py) turns a sharded checkpoint into a reshardable one.
+OPTIM_FORMATS = {"sharded": "dp_reshardable", "reshardable": "fully_reshardable"}
+DEFAULT_OPTIM_FORMAT = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -186,6 +193,7 @@ def _prepare_optimizer_for_load(optimizer) -> None:
                     st["step"] = torch.zeros((), dtype=torch.float32)
 
 
+@torch.no_grad()
 def _copy_only_present_states(dist_opt, model_param, tensors) -> None:
     """Fix 2: megatron 0.16.1 copies every state key the live optimizer has ("step"
     included) from the loaded tensors, which never carry "step" (it travels in the param
@@ -194,6 +202,11 @@ def _copy_only_present_states(dist_opt, model_param, tensors) -> None:
     main_param = dist_opt.optimizer.param_groups[group_index]["params"][group_order]
     dst = {"param": main_param, **dist_opt.optimizer.state[main_param]}
     for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor) or key == "step":
+            # `padding` is bookkeeping of the sharded format; its per-parameter `step` is not
+            # read from disk (it would carry the live optimizer's count): the step travels in
+            # the param groups, which megatron's load_state_dict has already applied.
+            continue
         if key not in dst:
             raise CheckpointError(f"optimizer state '{key}' in the checkpoint has no counterpart here")
         dst[key].copy_(value)
@@ -221,7 +234,8 @@ def _unshare_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].detach().clone()
 
 
-def _build_state(modules, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+def _build_state(modules, is_loading: bool, with_optimizer: bool, with_rng: bool,
+                 optim_format: str = DEFAULT_OPTIM_FORMAT) -> dict:
     model_sd = _model_sharded_state(modules.unwrapped())
     state = {"model": model_sd}
     if with_optimizer:
@@ -229,25 +243,33 @@ def _build_state(modules, is_loading: bool, with_optimizer: bool, with_rng: bool
             _prepare_optimizer_for_load(modules.optimizer)
             _patch_state_copy(modules.optimizer)
         state["optimizer"] = modules.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                                  metadata=OPTIM_METADATA)
+                                                                  metadata=_optim_metadata(optim_format))
     if with_rng:
         state["rng"] = _rng_sharded_object()
     return state
+
+
+def _optim_metadata(optim_format: str) -> dict:
+    if optim_format not in OPTIM_FORMATS:
+        raise ValueError(f"optim_format must be one of {sorted(OPTIM_FORMATS)}, got {optim_format!r}")
+    return {"distrib_optim_sharding_type": OPTIM_FORMATS[optim_format]}
 
 
 # ---------------------------------------------------------------- save / load ------------------
 
 
 def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = None,
-                    write_extra_files=None) -> Path:
+                    write_extra_files=None, optim_format: str = DEFAULT_OPTIM_FORMAT) -> Path:
     """Save model, optimizer, RNG, scheduler, step and `extra` (JSON) as `root/iter_{step}`.
 
     Collective: every rank calls it. Returns the final checkpoint directory.
     `write_extra_files(tmp_dir)` (rank 0) adds files before the directory is published, e.g.
     the `erpo_meta.json` that makes a training checkpoint convertible to HF.
+    `optim_format`: "sharded" (default, no gathering) or "reshardable" (see OPTIM_FORMATS).
     """
     from megatron.core import dist_checkpointing
 
+    _optim_metadata(optim_format)  # validate before any rank writes
     root = Path(root)
     extra = {} if extra is None else extra
     try:
@@ -262,7 +284,7 @@ def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = N
             shutil.rmtree(tmp)  # leftovers of an interrupted save
         tmp.mkdir()
     _barrier()
-    state = _build_state(modules, is_loading=False, with_optimizer=True, with_rng=True)
+    state = _build_state(modules, is_loading=False, with_optimizer=True, with_rng=True, optim_format=optim_format)
     try:
         dist_checkpointing.save(state, str(tmp))
     except (KeyboardInterrupt, SystemExit):
@@ -273,7 +295,7 @@ def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = N
     _barrier()
     if _rank() == 0:
         try:
-            _publish(root, tmp, final, step, modules, extra_json, write_extra_files)
+            _publish(root, tmp, final, step, modules, extra_json, write_extra_files, optim_format)
         except OSError as e:
             _raise_if_disk_full(e, root, tmp)
             raise
@@ -281,9 +303,11 @@ def save_checkpoint(root: str | Path, modules, step: int, extra: dict | None = N
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, modules, extra_json: str, write_extra_files) -> None:
+def _publish(root: Path, tmp: Path, final: Path, step: int, modules, extra_json: str, write_extra_files,
+             optim_format: str = DEFAULT_OPTIM_FORMAT) -> None:
     """Rank 0: train state, manifest, rename `tmp` to `final`, then point `latest` at it."""
-    train_state = {"format": FORMAT_VERSION, "step": int(step), "layout": _layout(),
+    train_state = {"format": FORMAT_VERSION, "step": int(step), "layout": _layout(), "optimizer_format": optim_format,
+                   "bf16": bool(getattr(modules, "bf16", False)),
                    "scheduler": modules.scheduler.state_dict(), "extra": json.loads(extra_json)}
     _atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1))
     if write_extra_files is not None:
@@ -372,7 +396,17 @@ def load_checkpoint(path: str | Path, modules, load_optimizer: bool = True) -> d
     here = _layout()
     saved = train_state["layout"]
     same_mp = saved["tp"] == here["tp"] and saved["pp"] == here["pp"]
-    state = _build_state(modules, is_loading=True, with_optimizer=load_optimizer, with_rng=same_mp)
+    optim_format = train_state.get("optimizer_format", "reshardable")  # older checkpoints: reshardable
+    if optim_format not in OPTIM_FORMATS:
+        raise CheckpointError(f"{ckpt_dir / TRAIN_STATE}: unknown optimizer_format {optim_format!r}")
+    if load_optimizer and optim_format == "sharded" and not same_mp:
+        raise CheckpointError(
+            f"{ckpt_dir} was saved at tp={saved['tp']} pp={saved['pp']} with the sharded optimizer format, "
+            f"which loads only at that TP/PP (here tp={here['tp']} pp={here['pp']}). Convert it once, at the "
+            f"saved layout: torchrun --nproc-per-node={saved['tp'] * saved['pp'] * saved.get('dp', 1)} -m "
+            f"erpo_mega.megatron.reshard {ckpt_dir} OUT_DIR  (or load the weights only)")
+    state = _build_state(modules, is_loading=True, with_optimizer=load_optimizer, with_rng=same_mp,
+                         optim_format=optim_format)
     loaded = _dist_load(state, ckpt_dir)
     unwrapped = modules.unwrapped()
     unwrapped[0].load_state_dict(loaded["model"], strict=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from erpo_mega.config import ConfigError, bounds, choices, from_dict, validate
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+RECOMPUTE = ("none", "selective", "full")  # selective: core attention only; full: whole layers
 
 
 @dataclass
@@ -21,9 +22,24 @@ class ParallelConfig:
     # How long the other ranks wait (on a CPU/gloo group) while rank 0 alone runs rollout,
     # rewards, eval or disk syncs; size it to the longest of those, not to a collective.
     rank0_wait_timeout_s: float = field(default=6 * 3600.0, metadata=bounds(gt=0))
+    # Memory/throughput settings a 7B-70B run needs (megatron's own implementations):
+    sequence_parallel: bool = False  # shard norms/dropout activations over TP (GPU + TransformerEngine)
+    recompute: str = field(default="none", metadata=choices(*RECOMPUTE))  # activation recompute
+    recompute_num_layers: int = field(default=1, metadata=bounds(ge=1))  # "full": layers per checkpointed chunk
+    overlap_grad_reduce: bool = False  # DP grad reduce-scatter overlapped with backward
+    overlap_param_gather: bool = False  # DP param all-gather overlapped with the next forward
+    context_parallel: int = field(default=1, metadata=bounds(ge=1))  # planned, not built: must stay 1
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.context_parallel != 1:
+            raise ConfigError("context_parallel", f"{self.context_parallel}: context parallelism is not built "
+                              "yet (packed THD sequences would need per-rank cu_seqlens splits); use 1")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("sequence_parallel", "needs tp > 1 (it shards activations over the TP group)")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ConfigError("overlap_param_gather", "needs overlap_grad_reduce: true (megatron overlaps both "
+                              "through the same DDP buckets)")
 
     @classmethod
     def from_dict(cls, data: dict | None, source: str | None = None, prefix: str = "") -> ParallelConfig:

@@ -16,7 +16,7 @@ import torch
 
 from erpo_mega.megatron.config import OptimConfig, ParallelConfig
 from erpo_mega.megatron.train_step import configure_for_global_loss
-from erpo_mega.models.builder import BuildOptions, build_gpt_model
+from erpo_mega.models.builder import BuildOptions, build_gpt_model, layer_spec_for_name
 from erpo_mega.models.config import ModelConfig
 
 
@@ -53,11 +53,20 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimC
                          f"pp={ps.get_pipeline_model_parallel_world_size()}")
     bf16 = torch.cuda.is_available() if bf16 is None else bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = build_gpt_model(model_cfg, BuildOptions(params_dtype=dtype, bf16=bf16, seed=parallel.seed))
+    opts = BuildOptions(params_dtype=dtype, bf16=bf16, seed=parallel.seed, recompute=parallel.recompute,
+                        recompute_num_layers=parallel.recompute_num_layers,
+                        sequence_parallel=parallel.sequence_parallel)
+    if parallel.sequence_parallel and layer_spec_for_name(opts) != "te":
+        from erpo_mega.config import ConfigError
+
+        raise ConfigError("sequence_parallel", "needs the TransformerEngine layer spec (a CUDA GPU with "
+                          "transformer_engine installed); the local spec here runs without it")
+    model = build_gpt_model(model_cfg, opts)
     model.config.calculate_per_token_loss = True  # before DDP: DDP then sums grads over DP
     use_dist_opt = True  # at every DP size: one optimizer checkpoint format (see module docstring)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather, use_distributed_optimizer=use_dist_opt,
         average_in_collective=False)
     chunks = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
     if load_weights is not None:

@@ -30,6 +30,7 @@ class PolicyWorker:
         self.model_cfg: ModelConfig | None = None
         self.parallel: ParallelConfig | None = None
         self.step = 0
+        self.offloaded: set[str] = set()  # of "params", "grads", "optimizer" (colocated placement)
 
     # ------------------------------------------------------------------ lifecycle ---------------
     def setup(self, model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig,
@@ -51,12 +52,54 @@ class PolicyWorker:
 
     @property
     def model_chunks(self) -> list:
-        return self._need().model_chunks
+        if self.modules is not None and "params" in self.offloaded:
+            raise RuntimeError("PolicyWorker: parameters are offloaded; call onload() first")
+        return self._need(resident=False).model_chunks
 
-    def _need(self) -> PolicyModules:
+    def _need(self, resident: bool = True) -> PolicyModules:
         if self.modules is None:
             raise RuntimeError("PolicyWorker.setup() has not been called")
+        if resident and self.offloaded:
+            raise RuntimeError(f"PolicyWorker: {sorted(self.offloaded)} are offloaded; call onload() first")
         return self.modules
+
+    # ------------------------------------------------------------------ colocated memory ---------
+    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> None:
+        """Free the accelerator memory of this rank's training state while engines generate.
+
+        Uses megatron's own RL offload paths: optimizer state and fp32 main params to host
+        memory, DDP grad buffers freed, bf16 param buffers copied to pinned host memory. On
+        a CPU-only machine there is nothing to free; the state is still tracked, so using an
+        offloaded worker fails loudly everywhere.
+        """
+        m = self._need(resident=False)
+        what = {k for k, on in (("params", params), ("grads", grads), ("optimizer", optimizer)) if on}
+        what -= self.offloaded
+        if not what:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            if "optimizer" in what:
+                m.optimizer.offload_to_cpu()
+            for chunk in m.model_chunks:
+                for buf in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+                    buf.offload_to_cpu(move_params="params" in what, move_grads="grads" in what)
+            torch.cuda.empty_cache()
+        self.offloaded |= what
+
+    def onload(self) -> None:
+        """Bring back everything `offload` moved (grad buffers come back zeroed)."""
+        m = self._need(resident=False)
+        if not self.offloaded:
+            return
+        if torch.cuda.is_available():
+            for chunk in m.model_chunks:
+                for buf in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+                    buf.reload_from_cpu(move_params="params" in self.offloaded, move_grads="grads" in self.offloaded)
+            if "optimizer" in self.offloaded:
+                m.optimizer.restore_from_cpu()
+            torch.cuda.synchronize()
+        self.offloaded.clear()
 
     # ------------------------------------------------------------------ RL operations -----------
     def compute_logprobs(self, batch: PolicyBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +121,28 @@ class PolicyWorker:
         metrics["step"] = float(self.step)
         return metrics
 
+    def sync_params(self) -> None:
+        """Complete the DP all-gather of updated parameters now.
+
+        With `overlap_param_gather` the optimizer step leaves each DP rank with only its own
+        shard updated; the gather runs in the next forward's pre-hooks. Anything that reads
+        parameters without a forward (weight export to engines, checkpoints) calls this first.
+        """
+        chunks = self.model_chunks  # needs resident parameters only
+        if self.parallel is not None and self.parallel.overlap_param_gather:
+            for chunk in chunks:
+                chunk.start_param_sync(force_sync=True)
+
     # ------------------------------------------------------------------ checkpoints -------------
-    def save(self, root: str | Path, extra: dict | None = None) -> Path:
+    def save(self, root: str | Path, extra: dict | None = None, optim_format: str = ckpt.DEFAULT_OPTIM_FORMAT) -> Path:
+        """Checkpoint under `root`; `optim_format` "sharded" (routine) or "reshardable" (any TP/PP)."""
         from erpo_mega.models.convert import write_meta
 
         cfg = self.model_cfg
+        self.sync_params()
         return ckpt.save_checkpoint(root, self._need(), self.step, extra,
-                                    write_extra_files=lambda d: write_meta(d, cfg, "erpo-mega training", kind="train"))
+                                    write_extra_files=lambda d: write_meta(d, cfg, "erpo-mega training", kind="train"),
+                                    optim_format=optim_format)
 
     def load(self, path: str | Path, load_optimizer: bool = True) -> dict:
         """Resume from a checkpoint root or iter directory (any TP/PP/DP); returns `extra`."""

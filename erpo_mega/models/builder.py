@@ -25,7 +25,9 @@ class BuildOptions:
     init_method_std: float = 0.02
     layer_spec: str = "auto"  # auto | local | te
     seed: int = 1234
-    recompute: bool = False
+    recompute: str | bool = "none"  # none | selective (core attention) | full (whole layers); True = full
+    recompute_num_layers: int = 1
+    sequence_parallel: bool = False
 
 
 def have_transformer_engine() -> bool:
@@ -51,6 +53,9 @@ def make_transformer_config(cfg: ModelConfig, opts: BuildOptions | None = None):
 
     opts = opts or BuildOptions()
     on_gpu = torch.cuda.is_available()
+    rc = {True: "full", False: "none"}.get(opts.recompute, opts.recompute)
+    if rc not in ("none", "selective", "full"):
+        raise ValueError(f"recompute must be none|selective|full, got {opts.recompute!r}")
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -69,7 +74,7 @@ def make_transformer_config(cfg: ModelConfig, opts: BuildOptions | None = None):
         init_method_std=opts.init_method_std,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        sequence_parallel=False,
+        sequence_parallel=opts.sequence_parallel,
         params_dtype=opts.params_dtype,
         bf16=opts.bf16,
         pipeline_dtype=opts.params_dtype,
@@ -82,18 +87,24 @@ def make_transformer_config(cfg: ModelConfig, opts: BuildOptions | None = None):
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        recompute_granularity="full" if opts.recompute else None,
-        recompute_method="uniform" if opts.recompute else None,
-        recompute_num_layers=1 if opts.recompute else None,
+        recompute_granularity=None if rc == "none" else rc,
+        recompute_method="uniform" if rc == "full" else None,
+        recompute_num_layers=opts.recompute_num_layers if rc == "full" else None,
     )
+
+
+def layer_spec_for_name(opts: BuildOptions) -> str:
+    """"te" or "local": what `layer_spec_for` builds for these options."""
+    choice = opts.layer_spec
+    if choice == "auto":
+        choice = "te" if have_transformer_engine() and torch.cuda.is_available() else "local"
+    return choice
 
 
 def layer_spec_for(opts: BuildOptions):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    choice = opts.layer_spec
-    if choice == "auto":
-        choice = "te" if have_transformer_engine() and torch.cuda.is_available() else "local"
+    choice = layer_spec_for_name(opts)
     if choice == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
     if choice == "local":

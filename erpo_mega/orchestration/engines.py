@@ -62,11 +62,12 @@ class EnginePool:
                     port = self._port(i)
                     if cfg.engine == "embedded":
                         h = launch_embedded_server(model_dir, cfg.host, port, log_path=logs / f"engine{i}.log",
-                                                   random_seed=self.seed, timeout=300.0, api_key=self.api_key)
+                                                   random_seed=self.seed, timeout=300.0, api_key=self.api_key,
+                                                   enable_memory_saver=cfg.colocate)
                     else:
                         h = launch_sglang_server(model_dir, cfg.host, port, tp=cfg.engine_tp,
                                                  log_path=logs / f"engine{i}.log", timeout=1800.0,
-                                                 api_key=self.api_key)
+                                                 api_key=self.api_key, enable_memory_saver=cfg.colocate)
                     self.handles.append(h)
                 urls = [h.url for h in self.handles]
             self.engines = [self._client(u) for u in urls]

@@ -121,9 +121,16 @@ def _rng_probe() -> torch.Tensor:
 
 
 def four_rank_layout_and_checkpoints(root: str) -> dict:
-    """World of four: (2,2,1) layout results, then save/load across (2,2,1) <-> (1,1,4)."""
+    """World of four: (2,2,1) layout results, then save/load across (2,2,1) <-> (1,1,4).
+
+    Routine saves use the sharded optimizer format: (2,2,1) -> (1,1,4) goes through the
+    reshard tool (run at the saved layout); (1,1,4) -> (2,2,1) saves reshardable directly.
+    """
+    from erpo_mega.megatron.reshard import reshard_checkpoint
+
     out: dict = {}
     root_a, root_b = Path(root) / "tp2pp2", Path(root) / "dp4"
+    root_ar = Path(root) / "tp2pp2_resharded"
 
     # (2,2,1): step 1 (layout comparison), save, step 2 as the uninterrupted reference
     worker = _setup(2, 2, budget=40)
@@ -141,15 +148,21 @@ def four_rank_layout_and_checkpoints(root: str) -> dict:
     rng_after_save = _rng_probe()
     m2 = worker.train_step(batch, LOSS, temperature=TEMPERATURE)
     p2 = gather_full(model)
+    # the sharded save resumes exactly at its own layout
+    worker.load(root_a)
+    m2_same = worker.train_step(batch, LOSS, temperature=TEMPERATURE)
+    p2_same = gather_full(model)
+    reshard_checkpoint(root_a, root_ar)
 
     # (1,1,4): resume from the (2,2,1) checkpoint
     worker = _setup(1, 1, budget=40)
     model = worker.modules.unwrapped()[0]
-    extra = worker.load(root_a)
+    sharded_elsewhere = _load_error(worker, root_a)
+    extra = worker.load(root_ar)
     loaded_b = gather_full(model)
     m2_b = worker.train_step(batch, LOSS, temperature=TEMPERATURE)
     p2_b = gather_full(model)
-    worker.save(root_b, extra={"cursor": 18})
+    worker.save(root_b, extra={"cursor": 18}, optim_format="reshardable")
     m3_b = worker.train_step(batch, LOSS, temperature=TEMPERATURE)
     p3_b = gather_full(model)
 
@@ -175,6 +188,8 @@ def four_rank_layout_and_checkpoints(root: str) -> dict:
         "step2_loss": (m2["loss"], m2_b["loss"]), "step2_params": diff(p2, p2_b),
         "step3_loss": (m3_b["loss"], m3_c["loss"]), "step3_params": diff(p3_b, p3_c),
         "step2_grad_norm": (m2["grad_norm"], m2_b["grad_norm"]),
+        "step2_same_layout": (m2["loss"], m2_same["loss"], diff(p2, p2_same)),
+        "sharded_elsewhere": sharded_elsewhere,
         "rng": (rng_after_save, rng_after_load),
     }
 

@@ -1,6 +1,7 @@
 """TP2xPP2 layout numbers, and checkpoints that resume across layouts (one 4-process spawn).
 
-Save at (TP, PP, DP) = (2, 2, 1) after step 1, load at (1, 1, 4), then save at (1, 1, 4)
+Save at (TP, PP, DP) = (2, 2, 1) after step 1 (sharded optimizer format, resharded by the tool
+before), load at (1, 1, 4), then save at (1, 1, 4)
 after step 2 and load at (2, 2, 1). The reference is the uninterrupted run: parameters after
 loading must equal the saved ones exactly, and the next step (loss, grad norm, parameters,
 which exercises the AdamW moments and step counts) must match it at fp32 tolerance.
@@ -47,6 +48,16 @@ def test_resumed_step_matches_uninterrupted_run(four):
     # a shared/lost AdamW step counter or lost moments move parameters by ~lr (1e-3)
     assert r["step2_params"] < PARAM_TOL / 10
     assert r["step3_params"] < PARAM_TOL / 10
+
+
+def test_sharded_optimizer_format_resumes_exactly_and_needs_reshard_elsewhere(four):
+    r = four[0]["resume"]
+    loss, resumed_loss, param_diff = r["step2_same_layout"]
+    assert resumed_loss == pytest.approx(loss, abs=LOSS_TOL)
+    assert param_diff < PARAM_TOL / 10
+    err = r["sharded_elsewhere"]
+    assert err.startswith("CheckpointError") and "sharded optimizer format" in err
+    assert "erpo_mega.megatron.reshard" in err and "tp=2 pp=2" in err
 
 
 def test_train_state_and_rng_round_trip(four):

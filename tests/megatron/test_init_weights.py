@@ -87,6 +87,15 @@ def _cases(hf_dir: str, mcore_dir: str, ckpt_root: str) -> dict:
         out[key + "/dtype"] = str(next(worker.modules.unwrapped()[0].parameters()).dtype)
         if not bf16:
             out[key + "/logp"] = worker.compute_logprobs(PolicyBatch(PROMPTS, RESPONSES))[0]
+        if (tp, pp, bf16) == (2, 1, False):  # colocated offload: an offloaded worker refuses to run
+            worker.offload()
+            try:
+                worker.compute_logprobs(PolicyBatch(PROMPTS, RESPONSES))
+                out["offloaded_error"] = "ran"
+            except RuntimeError as e:
+                out["offloaded_error"] = str(e)
+            worker.onload()
+            out["onloaded_logp"] = worker.compute_logprobs(PolicyBatch(PROMPTS, RESPONSES))[0]
         _one_step(worker)
         out[key + "/after_step"] = _exported(worker, cfg)
         if (tp, pp, bf16) == (2, 1, True):
@@ -136,3 +145,9 @@ def test_hf_dir_loads_into_any_layout(results, key):
     assert torch.allclose(got[key + "/logp"][mask], ref_logp[mask], atol=1e-4), key
     for name, ref in hf.items():  # fp32 and lr 1e-9: equal to the file up to the tiny update
         assert torch.allclose(got[key + "/after_step"][name], ref, atol=1e-6), name
+
+
+def test_offloaded_worker_refuses_to_run_and_onload_restores(results):
+    got, _, _ = results
+    assert "offloaded" in got["offloaded_error"] and "onload" in got["offloaded_error"]
+    assert torch.equal(got["onloaded_logp"], got["tp2pp1fp32hf/logp"])
