@@ -119,6 +119,7 @@ class Engine:
         self.model_lock = _ModelLock()
         self._cv = threading.Condition()
         self._queue: list[Sequence] = []
+        self._runner: BatchRunner | None = None
         self._running: list[Sequence] = []
         self._paused = False
         self._in_session = False
@@ -269,7 +270,7 @@ class Engine:
         return self._paused or self._in_session
 
     def _loop(self) -> None:
-        runner = BatchRunner(self.model)
+        runner = self._runner = BatchRunner(self.model)
         holding = False  # the worker holds model_lock while any sequence runs
         while True:
             with self._cv:
@@ -521,7 +522,8 @@ class Engine:
 
     # --- memory -------------------------------------------------------------------------------
     def release_memory_occupation(self, body: dict) -> dict:
-        """On CPU: 'weights' frees parameter storage; 'kv_cache'/'cuda_graph' just refuse generation."""
+        """On CPU: 'weights' frees parameter storage (and the fused decode copies); 'kv_cache' frees the
+        slot cache (rebuilt on the next admission); both, and 'cuda_graph', refuse generation."""
         req = P.parse(P.ReleaseMemoryOccupationReqInput, body, "release_memory_occupation")
         if not self.enable_memory_saver:
             return {"success": False, "message": "start the server with --enable-memory-saver"}
@@ -534,6 +536,10 @@ class Engine:
             with self.model_lock:
                 for p in self.model.parameters():
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+                self.model.clear_fused()
+        if "kv_cache" in tags and self._runner is not None:
+            with self.model_lock:
+                self._runner.cache = None
         return {"success": True, "message": f"released {sorted(tags)}"}
 
     def resume_memory_occupation(self, body: dict) -> dict:
@@ -545,6 +551,7 @@ class Engine:
             with self.model_lock:
                 for (_, p), (_, q) in zip(self.model.named_parameters(), fresh.named_parameters()):
                     p.data = q.data
+                self.model.clear_fused()  # a fused copy keyed on a reused address must not survive
         with self._cv:
             self._released -= tags
         return {"success": True, "message": f"resumed {sorted(tags)}"}
