@@ -22,7 +22,7 @@ from erpo_mega.orchestration.eval_config import EvalSetConfig, check_set_names
 class ModelSection:
     """Where the policy comes from: an HF or erpo-mega Megatron dir, or a fresh `arch`."""
 
-    init_from: str | None = None  # HF dir (converted at start-up) or a Megatron/erpo-mega checkpoint dir
+    init_from: str | None = None  # HF dir (each rank streams its shards) or a Megatron/erpo-mega checkpoint dir
     arch: ModelConfig | None = None  # architecture of a model trained from scratch (vocab from the tokenizer)
     tokenizer: str = "builtin"  # "builtin": the local character tokenizer; else an HF tokenizer dir
     bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU

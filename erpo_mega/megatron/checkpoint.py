@@ -13,7 +13,7 @@ Crash safety: a save writes `iter_N.tmp/`, then renames it to `iter_N/`, then re
 checkpoint. Loading checks the manifest first, so a missing or truncated file is reported
 by name instead of failing deep inside torch.distributed.checkpoint.
 
-Resharding the optimizer state (`fully_reshardable`) needs three fixes for megatron-core
+Loading the optimizer state (both formats, see OPTIM_FORMATS) needs three fixes for megatron-core
 0.16.1's torch-AdamW path (see `_prepare_optimizer_for_load` / `_unshare_adam_steps`).
 """
 
