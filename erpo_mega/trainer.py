@@ -669,6 +669,15 @@ def run_from_cli(config_path: str, overrides: list[str] | None, mode: str = "tra
     except (ConfigError, DataError, FileNotFoundError, RunDirError, CheckpointError, ConversionError) as e:
         print(f"erpo-mega: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except OSError as e:  # a full disk anywhere else (exports, metrics, engine weights): one sentence
+        import errno
+
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            raise
+        print(f"erpo-mega: error: no space left on device ({errno.errorcode[e.errno]}) writing "
+              f"{e.filename or 'a file'} under {cfg.run_dir}; checkpoints already written are intact. Free "
+              "space or point run_dir elsewhere, then --resume", file=sys.stderr, flush=True)
+        return 2
     if _rank() == 0:
         if mode == "eval" and result:
             print_eval_table(result, title=f"evaluation of {cfg.run_dir}", default_label=cfg.eval.split)

@@ -82,3 +82,25 @@ def test_damaged_init_from_model_is_one_sentence(tmp_path):
     proc = _cli(["train", cfg])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert shard.name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_full_disk_outside_checkpoints_is_one_sentence(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from erpo_mega import trainer as trainer_mod
+
+    def full_disk(self, mode="train"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "final_hf" / "model.safetensors"))
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", full_disk)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "run"))
+    assert trainer_mod.run_from_cli(str(cfg), []) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device (ENOSPC)" in err and "final_hf/model.safetensors" in err
+
+    def other(self, mode="train"):
+        raise PermissionError(errno.EACCES, "Permission denied", "/x")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", other)
+    with pytest.raises(PermissionError):  # not a full disk: not hidden behind a sentence
+        trainer_mod.run_from_cli(str(cfg), [])
