@@ -5,9 +5,9 @@ and our command lines are pure Python: the CLI parser (`server_args`), the safe 
 (`utils.MultiprocessingSerializer` -> `SafeUnpickler`, an allowlist) and the flattened-bucket
 code (`weight_sync.tensor_bucket`). They import a few GPU-only packages at module level
 (triton, IPython, torchvision, ...), so for the duration of the import a meta-path finder
-hands out empty stand-in modules for exactly those packages, then is removed again: after
-`load()` returns, `sys.modules` holds SGLang plus the stand-ins it captured, and no later
-import is affected.
+hands out empty stand-in modules for exactly those packages; finder and stand-ins are removed
+from `sys.modules` again afterwards (and put back around each referee call), so no import
+elsewhere in the process ever sees them.
 
 Installed by `tools/setup.sh --dev` (`pip install --no-deps sglang==0.5.23` plus a few small
 pure-Python packages). `available()` says whether the wheel is here; tests call `require()`,
@@ -136,14 +136,25 @@ def _really_installed(name: str) -> bool:
     return False
 
 
+_stubs: dict[str, types.ModuleType] = {}
+
+
 @contextlib.contextmanager
 def _stubbed_imports():
+    """Stand-ins visible only inside: the finder and the stub modules leave `sys.modules`
+    afterwards (SGLang keeps its references), so later imports elsewhere (torch looking for
+    triton, transformers for scipy, ...) see exactly what is installed."""
     finder = _StubFinder()
     sys.meta_path.insert(0, finder)
+    sys.modules.update(_stubs)
     try:
         yield
     finally:
         sys.meta_path.remove(finder)
+        for name, mod in list(sys.modules.items()):
+            if isinstance(mod, _StubModule):
+                _stubs[name] = mod
+                del sys.modules[name]
 
 
 def load() -> types.SimpleNamespace:
@@ -218,7 +229,7 @@ def parse_server_args(argv: list[str]):
     handlers, level = list(root.handlers), root.level
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
+        with contextlib.redirect_stderr(err), _stubbed_imports():
             return sa.prepare_server_args(argv)
     except SystemExit as e:  # argparse's verdict, with its last line ("error: ...") kept
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
@@ -235,11 +246,15 @@ def parse_server_args(argv: list[str]):
 
 def deserialize(payload):
     """SGLang's `MultiprocessingSerializer.deserialize` (base64 str or raw bytes) via SafeUnpickler."""
-    return load().common.MultiprocessingSerializer.deserialize(payload)
+    ns = load()
+    with _stubbed_imports():
+        return ns.common.MultiprocessingSerializer.deserialize(payload)
 
 
 def serialize(obj, output_str: bool = True):
-    return load().common.MultiprocessingSerializer.serialize(obj, output_str=output_str)
+    ns = load()
+    with _stubbed_imports():
+        return ns.common.MultiprocessingSerializer.serialize(obj, output_str=output_str)
 
 
 def reconstruct_flattened(payload_obj) -> list:

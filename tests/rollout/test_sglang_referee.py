@@ -27,6 +27,10 @@ def test_referee_is_sglang_0_5_23_and_leaves_imports_alone(sgl):
     # the stand-ins served SGLang's import only: no finder remains for later imports
     assert not any(isinstance(f, ref._StubFinder) for f in sys.meta_path)
     assert importlib.util.find_spec("definitely_not_a_module_xyz") is None
+    # ... nor stand-in modules: torch must not believe triton is installed after the referee ran
+    assert not [n for n, m in sys.modules.items() if isinstance(m, ref._StubModule)]
+    if not ref._really_installed("triton"):
+        assert importlib.util.find_spec("triton") is None
 
 
 def test_parse_server_args_accepts_and_refuses(sgl):
