@@ -108,7 +108,12 @@ def layer_spec_for(opts: BuildOptions):
     if choice == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
     if choice == "local":
-        return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        from erpo_mega.models.chunked_attention import ChunkedDotProductAttention
+
+        spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        # same math, query-chunked: long packed rows no longer need S x S scores per head
+        spec.submodules.self_attention.submodules.core_attention = ChunkedDotProductAttention
+        return spec
     raise ValueError(f"layer_spec must be auto|local|te, got {choice!r}")
 
 
