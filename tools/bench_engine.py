@@ -9,14 +9,16 @@ lengths forced with ignore_eos / min_new_tokens):
   group  tiny shape, 16 prompts x n=8 (one GRPO step's group layout)      128 completions x 32 tokens
 The engine gets one batched `/generate` with log-probs on (what the trainer asks for);
 `generate()` runs in this process with the same torch thread count. Each side's best of
-`--repeat` timed runs after a warm-up. The ratio is what matters: both sides share the
-machine, so a loaded machine slows both.
+`--repeat` timed runs after a warm-up. Two ratios: wall clock, and CPU seconds (the server
+process's user+system time from /proc, this process's for `generate()`), which a machine
+loaded by other jobs disturbs far less than wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -51,40 +53,49 @@ def prompts_for(row: dict) -> list[list[int]]:
     return torch.randint(3, row["vocab"], (row["prompts"], PROMPT_LEN), generator=g).tolist()
 
 
-def time_engine(client, prompts: list[list[int]], row: dict, repeat: int) -> float:
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process, all threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_engine(client, prompts: list[list[int]], row: dict, repeat: int, pid: int) -> tuple[float, float]:
     body = {"input_ids": prompts, "return_logprob": True,
             "sampling_params": {"max_new_tokens": row["new"], "temperature": TEMPERATURE, "ignore_eos": True,
                                 "n": row["n"]}}
     client.generate_raw({**body, "input_ids": prompts[:2], "sampling_params": {**body["sampling_params"],
                                                                                "max_new_tokens": 4}})
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), process_cpu_seconds(pid)
         out = client.generate_raw(body)
         best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, process_cpu_seconds(pid) - c0)
         want = len(prompts) * row["n"]
         if len(out) != want or any(len(o["output_ids"]) != row["new"] or
                                    len(o["meta_info"]["output_token_logprobs"]) != row["new"] for o in out):
             raise RuntimeError(f"engine answered {len(out)} completions, expected {want} x {row['new']} tokens")
-    return best
+    return best, best_cpu
 
 
 @torch.no_grad()
-def time_generate(model, prompts: list[list[int]], row: dict, repeat: int) -> float:
+def time_generate(model, prompts: list[list[int]], row: dict, repeat: int) -> tuple[float, float]:
     ids = torch.tensor(prompts)
     kw = dict(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=row["new"],
               min_new_tokens=row["new"], num_return_sequences=row["n"], pad_token_id=0,
               attention_mask=torch.ones_like(ids))
     model.generate(ids[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4,
                                "attention_mask": torch.ones_like(ids[:2])})
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(ids, **kw)
         best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
         if out.shape != (len(prompts) * row["n"], PROMPT_LEN + row["new"]):
             raise RuntimeError(f"generate() returned shape {tuple(out.shape)}")
-    return best
+    return best, best_cpu
 
 
 def bench_row(name: str, row: dict, threads: int, repeat: int, workdir: Path) -> dict:
@@ -97,14 +108,16 @@ def bench_row(name: str, row: dict, threads: int, repeat: int, workdir: Path) ->
     handle = launch_embedded_server(path, port=free_port(), log_path=workdir / f"{name}.log", num_threads=threads,
                                     extra_args=["--skip-tokenizer-init", "--max-running-requests", "256"])
     try:
-        t_engine = time_engine(handle.client(timeout=600, max_retries=0), prompts, row, repeat)
+        t_engine, c_engine = time_engine(handle.client(timeout=600, max_retries=0), prompts, row, repeat,
+                                         handle.process.pid)
     finally:
         handle.close()
-    t_hf = time_generate(model, prompts, row, repeat)
+    t_hf, c_hf = time_generate(model, prompts, row, repeat)
     tokens = len(prompts) * row["n"] * row["new"]
     return {"row": name, "shape": f"{row['layers']}L h{row['hidden']} V{row['vocab']}",
             "requests": len(prompts) * row["n"], "new_tokens": row["new"],
-            "engine_tok_s": tokens / t_engine, "generate_tok_s": tokens / t_hf, "ratio": t_hf / t_engine}
+            "engine_tok_s": tokens / t_engine, "generate_tok_s": tokens / t_hf, "ratio": t_hf / t_engine,
+            "engine_cpu_s": c_engine, "generate_cpu_s": c_hf, "cpu_ratio": c_hf / max(c_engine, 1e-9)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             r = results[-1]
             print(f"{r['row']:6s} {r['shape']:18s} {r['requests']:4d} x {r['new_tokens']:3d}  "
                   f"engine {r['engine_tok_s']:8.0f} tok/s  generate() {r['generate_tok_s']:8.0f} tok/s  "
-                  f"ratio {r['ratio']:.2f}", flush=True)
+                  f"ratio {r['ratio']:.2f}  |  CPU s engine {r['engine_cpu_s']:.2f} generate() "
+                  f"{r['generate_cpu_s']:.2f} ratio {r['cpu_ratio']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

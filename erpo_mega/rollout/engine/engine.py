@@ -180,11 +180,15 @@ class Engine:
     def _build_sequences(self, req: P.GenerateReqInput) -> list[Sequence]:
         cfg = self.model.config
         seqs = []
+        shared = None  # one sampling_params dict for the whole batch is parsed once (parsing is not cheap)
         for i in range(req.batch_size):
-            where = f"generate.sampling_params[{i}]" if isinstance(req.sampling_params, list) else \
-                "generate.sampling_params"
-            sp = P.parse_sampling_params(req.per_item("sampling_params", i, {}), where)
-            sp.verify(cfg.vocab_size)
+            per_item = isinstance(req.sampling_params, list)
+            if per_item or shared is None:
+                where = f"generate.sampling_params[{i}]" if per_item else "generate.sampling_params"
+                sp = P.parse_sampling_params(req.per_item("sampling_params", i, {}), where)
+                sp.verify(cfg.vocab_size)
+                shared = None if per_item else sp
+            sp = shared or sp
             for name in ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex"):
                 if getattr(sp, name):
                     raise P.ProtocolError(f"sampling_params.{name}: constrained decoding is not "
