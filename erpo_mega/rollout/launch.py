@@ -175,9 +175,36 @@ def launch_router(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1"
     """sglang-router in front of running workers (their /health must already answer).
 
     The router also serves Prometheus metrics, on port 29000 unless told otherwise; a free
-    port is chosen here so two routers (or a stale one) on a host do not collide.
+    port is chosen here so two routers (or a stale one) on a host do not collide. With
+    `wait`, returns once the router answers /health *and* lists every worker as healthy: it
+    registers workers asynchronously, and until then it sends everything to those it has.
     """
     metrics = ["--prometheus-host", host, "--prometheus-port", str(prometheus_port or free_port(host))]
     cmd = router_command(worker_urls, port, host, policy, [*metrics, *extra_args], api_key=api_key)
     handle = _spawn(cmd, f"http://{host}:{port}", log_path, None, api_key)
-    return handle.wait_healthy(timeout) if wait else handle
+    if not wait:
+        return handle
+    deadline = time.monotonic() + timeout
+    handle.wait_healthy(timeout)
+    _wait_workers_registered(handle, len(set(worker_urls)), deadline)
+    return handle
+
+
+def _wait_workers_registered(handle: ServerHandle, n: int, deadline: float) -> None:
+    client = handle.client(max_retries=0)
+    seen = None
+    while time.monotonic() < deadline:
+        try:
+            info = client.request("GET", "/workers", timeout=10.0)
+        except EngineError as e:
+            if e.status == 404:  # a router without the listing endpoint: nothing to wait on
+                return
+            info = None
+        if isinstance(info, dict):
+            seen = [w for w in info.get("workers", []) if w.get("is_healthy", True)]
+            if len(seen) >= n:
+                return
+        time.sleep(0.2)
+    handle.close()
+    raise EngineError(handle.url, f"router lists {0 if seen is None else len(seen)} of {n} workers as healthy "
+                      f"after the wait; log: {handle._tail()}")
