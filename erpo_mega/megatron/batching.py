@@ -179,6 +179,7 @@ class MicroBatch:
     valid: torch.Tensor  # [n, T_mb] bool, real response tokens
     loss_mask: torch.Tensor  # [n, T_mb] bool
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # advantages, old_logp, ... [n, T_mb]
+    seg_lengths: list[int] = field(default_factory=list)  # tokens of each packed sample, then padding
 
     @property
     def num_tokens(self) -> int:
@@ -188,7 +189,19 @@ class MicroBatch:
         move = {k: v.to(device) for k, v in self.per_token.items()}
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.target_ids.to(device),
                           self.attention_mask.to(device), list(self.samples), self.gather_pos.to(device),
-                          self.valid.to(device), self.loss_mask.to(device), move)
+                          self.valid.to(device), self.loss_mask.to(device), move, list(self.seg_lengths))
+
+    def thd_params(self):
+        """TransformerEngine's packed-sequence (THD) description of this row: one sequence per
+        packed sample (and one for the padding), by cumulative lengths; replaces the mask."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        lengths = self.seg_lengths or [self.num_tokens]
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+        cu = cu.to(self.input_ids.device)
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                               max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
 
     def unpack(self, row_values: torch.Tensor) -> torch.Tensor:
         """[1, S] (or [S]) per-position values -> [n, T_mb], zero where not a response token."""
@@ -254,6 +267,7 @@ def build_micro_batch(batch: PolicyBatch, samples: list[int], pad_to: int | None
         target_ids=torch.tensor(tgt, dtype=torch.long)[None],
         attention_mask=block_causal_mask(torch.tensor(seg)),
         samples=list(samples), gather_pos=gather_pos, valid=valid, loss_mask=loss_mask, per_token=per_token,
+        seg_lengths=[n for n in torch.bincount(torch.tensor(seg)).tolist() if n],
     )
 
 

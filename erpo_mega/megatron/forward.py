@@ -18,6 +18,24 @@ from erpo_mega.megatron.batching import MicroBatch
 from erpo_mega.parallel.vocab_parallel import logprob_and_entropy
 
 
+def packing_mode(model) -> str | None:
+    """How several samples share a row for this model's core attention.
+
+    "mask": megatron's local `DotProductAttention` (and our chunked subclass) with the
+    explicit block-diagonal mask; "thd": TransformerEngine's attention with packed-sequence
+    params (cu_seqlens per sample; GPU only, set ERPO_THD_PACKING=0 to fall back to one sample
+    per micro-batch); None: one sample per micro-batch.
+    """
+    import os
+
+    if prepare_packed_attention(model):
+        return "mask"
+    names = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DotProductAttention")}
+    if names == {"TEDotProductAttention"} and os.environ.get("ERPO_THD_PACKING", "1") != "0":
+        return "thd"
+    return None
+
+
 def prepare_packed_attention(model) -> bool:
     """True when every core attention of `model` honours our block-diagonal mask.
 
@@ -66,7 +84,8 @@ def token_logprob_entropy(logits_shard: torch.Tensor, mb: MicroBatch, vocab_size
 
 
 def run_schedule(model_chunks: Sequence[torch.nn.Module], micro_batches: list[MicroBatch],
-                 loss_for: Callable[[MicroBatch, torch.Tensor], tuple], forward_only: bool) -> list:
+                 loss_for: Callable[[MicroBatch, torch.Tensor], tuple], forward_only: bool,
+                 packing: str | None = "mask") -> list:
     """Run megatron's forward(-backward) schedule; returns the loss functions' third outputs
     (one per micro-batch, on the last pipeline stage only; empty elsewhere).
 
@@ -83,7 +102,10 @@ def run_schedule(model_chunks: Sequence[torch.nn.Module], micro_batches: list[Mi
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb.input_ids, mb.position_ids, mb.attention_mask)
+        if packing == "thd":  # TransformerEngine: per-sample sequences by cu_seqlens, no mask
+            output = model(mb.input_ids, mb.position_ids, None, packed_seq_params=mb.thd_params())
+        else:
+            output = model(mb.input_ids, mb.position_ids, mb.attention_mask)
         return output, lambda logits: loss_for(mb, logits)
 
     schedule = get_forward_backward_func()

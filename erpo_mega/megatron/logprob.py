@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from erpo_mega.megatron.batching import MicroBatch, PolicyBatch, plan_micro_batches
-from erpo_mega.megatron.forward import prepare_packed_attention, run_schedule, sum_over, token_logprob_entropy
+from erpo_mega.megatron.forward import packing_mode, run_schedule, sum_over, token_logprob_entropy
 
 
 def plan_for_this_rank(batch: PolicyBatch, micro_batch_tokens: int, pad_multiple: int = 1,
@@ -28,9 +28,15 @@ def plan_for_this_rank(batch: PolicyBatch, micro_batch_tokens: int, pad_multiple
         uniform_length=ps.get_pipeline_model_parallel_world_size() > 1, pad_multiple=pad_multiple, pack=pack)
 
 
+def packing_of(model_chunks) -> str | None:
+    """"mask", "thd" or None (one sample per micro-batch); see `forward.packing_mode`."""
+    modes = {packing_mode(getattr(c, "module", c)) for c in model_chunks}
+    return modes.pop() if len(modes) == 1 else None
+
+
 def packing_allowed(model_chunks) -> bool:
-    """Whether several samples may share a row (see `prepare_packed_attention`)."""
-    return all(prepare_packed_attention(getattr(c, "module", c)) for c in model_chunks)
+    """Whether several samples may share a row."""
+    return packing_of(model_chunks) is not None
 
 
 @torch.no_grad()
@@ -45,7 +51,8 @@ def compute_logprobs(model_chunks: Sequence[torch.nn.Module], batch: PolicyBatch
     """
     from megatron.core import parallel_state as ps
 
-    micro_batches = plan_for_this_rank(batch, micro_batch_tokens, pad_multiple, pack=packing_allowed(model_chunks))
+    packing = packing_of(model_chunks)
+    micro_batches = plan_for_this_rank(batch, micro_batch_tokens, pad_multiple, pack=packing is not None)
     was_training = [m.training for m in model_chunks]
     for m in model_chunks:
         m.eval()
@@ -56,7 +63,7 @@ def compute_logprobs(model_chunks: Sequence[torch.nn.Module], batch: PolicyBatch
         return zero, torch.tensor(0, dtype=torch.int), {"logp": logp, "entropy": entropy}
 
     try:
-        reported = run_schedule(model_chunks, micro_batches, loss_for, forward_only=True)
+        reported = run_schedule(model_chunks, micro_batches, loss_for, forward_only=True, packing=packing)
     finally:
         for m, mode in zip(model_chunks, was_training):
             m.train(mode)

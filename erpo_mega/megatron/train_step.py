@@ -22,7 +22,7 @@ from erpo_mega.algo.config import LossConfig
 from erpo_mega.algo.loss import combine_metrics, policy_loss
 from erpo_mega.megatron.batching import MicroBatch, PolicyBatch, global_normalizer
 from erpo_mega.megatron.forward import broadcast_from_last_stage, run_schedule, token_logprob_entropy
-from erpo_mega.megatron.logprob import packing_allowed, plan_for_this_rank
+from erpo_mega.megatron.logprob import packing_of, plan_for_this_rank
 
 
 def finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
@@ -74,7 +74,8 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], batch: PolicyBatch
     if batch.advantages is None or batch.old_logp is None:
         raise ValueError("batch: training needs advantages and old_logp")
     normalizer = global_normalizer(batch)
-    micro_batches = plan_for_this_rank(batch, micro_batch_tokens, pad_multiple, pack=packing_allowed(model_chunks))
+    packing = packing_of(model_chunks)
+    micro_batches = plan_for_this_rank(batch, micro_batch_tokens, pad_multiple, pack=packing is not None)
     entropy_grad = loss_cfg.entropy_coef != 0
 
     def loss_for(mb: MicroBatch, logits: torch.Tensor):
@@ -88,7 +89,7 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], batch: PolicyBatch
     for chunk in model_chunks:
         chunk.train()
         chunk.zero_grad_buffer()
-    reported = run_schedule(model_chunks, micro_batches, loss_for, forward_only=False)
+    reported = run_schedule(model_chunks, micro_batches, loss_for, forward_only=False, packing=packing)
 
     device = next(model_chunks[0].parameters()).device
     metrics: dict[str, float] | None = None

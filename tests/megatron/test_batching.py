@@ -125,3 +125,22 @@ def test_packing_can_be_disabled():
     b = PolicyBatch([[1], [1], [1]], [[2, 3], [2], [2, 3, 4]])
     mbs = plan_micro_batches(b, 0, 1, micro_batch_tokens=16, pack=False)
     assert [mb.samples for mb in mbs] == [[2], [0], [1]]
+
+
+def test_thd_params_describe_each_packed_sample_and_the_padding():
+    """TransformerEngine's packed rows (issue 13, defect 5): one sequence per sample, padding last."""
+    import torch
+
+    from erpo_mega.megatron.batching import PolicyBatch, build_micro_batch
+
+    batch = PolicyBatch([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]])  # inputs: 4 and 4 tokens
+    mb = build_micro_batch(batch, [0, 1], pad_to=11)
+    assert mb.seg_lengths == [4, 4, 3]
+    p = mb.thd_params()
+    assert p.qkv_format == "thd" and p.cu_seqlens_q.dtype == torch.int32
+    assert p.cu_seqlens_q.tolist() == [0, 4, 8, 11] and p.max_seqlen_q == 4
+    assert torch.equal(p.cu_seqlens_kv, p.cu_seqlens_q)
+    # the mask path and the THD path describe the same blocks
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(mb.seg_lengths))
+    assert torch.equal(mb.attention_mask[0, 0], ~((seg[:, None] == seg[None, :]) & torch.ones(11, 11).tril().bool()))
+    assert build_micro_batch(batch, [1]).to("cpu").seg_lengths == [4]

@@ -54,6 +54,19 @@ def _gpu_cases(hf_dir: str, mcore_dir: str, ckpt_root: str) -> dict:
     out["resume_loss"] = (ref_metrics["loss"], metrics["loss"])
     out["resume_param_diff"] = max(float((ref[k].float() - got[k].float()).abs().max()) for k in ref)
 
+    if HAVE_TE:  # THD packing (several samples per row, cu_seqlens) vs one sample per micro-batch
+        import os
+
+        worker = PolicyWorker().setup(cfg, ParallelConfig(micro_batch_tokens=64), OptimConfig(), init_from=hf_dir,
+                                      bf16=False)
+        from erpo_mega.megatron.logprob import packing_of
+
+        out["te_packing"] = packing_of(worker.model_chunks)
+        out["thd_logp"] = worker.compute_logprobs(PolicyBatch(PROMPTS, RESPONSES))[0].cpu()
+        os.environ["ERPO_THD_PACKING"] = "0"
+        out["unpacked_logp"] = worker.compute_logprobs(PolicyBatch(PROMPTS, RESPONSES))[0].cpu()
+        del os.environ["ERPO_THD_PACKING"]
+
     if HAVE_TE:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -116,3 +129,12 @@ def test_te_spec_names_match_the_tables_and_load_converted_checkpoint(results):
     unexpected = [k for k in got["te_extra_state_keys"] if k not in T.LAYER_EXTRA_STATE_KEYS]
     assert not unexpected, unexpected
     torch.testing.assert_close(got["te_logits"], ref_logits, atol=2e-3, rtol=0)
+
+
+@pytest.mark.skipif(not HAVE_TE, reason="needs transformer_engine")
+def test_te_thd_packing_matches_one_sample_per_micro_batch(results):
+    got, _, ref_logp, _ = results
+    assert got["te_packing"] == "thd"
+    torch.testing.assert_close(got["thd_logp"], got["unpacked_logp"], atol=1e-4, rtol=0)
+    mask = ref_logp != 0
+    assert (got["thd_logp"][mask] - ref_logp[mask]).abs().max() < 1e-3
