@@ -42,8 +42,8 @@ def prepare_packed_attention(model) -> bool:
     megatron's local `DotProductAttention` applies an explicit boolean mask, except through
     the fused causal softmax kernel (GPU, half precision), which builds its own causal mask
     and would let packed samples see each other: that fusion is switched off here. Other
-    attention backends (TransformerEngine) ignore the mask for causal layers; with them we
-    do not pack (one sample per micro-batch) until THD packed-sequence support is added.
+    attention backends (TransformerEngine) ignore the mask for causal layers: they pack
+    through THD packed-sequence params instead (`packing_mode`).
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
