@@ -90,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-len", type=int, default=1024, help="tokens per packed sample (prompt + response)")
     p.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    p.add_argument("--attention", default="chunked", choices=("chunked", "megatron"),
+                   help="local-spec core attention: query-chunked (default) or megatron's full S x S (baseline)")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     from erpo_mega.parallel.dist import init_distributed
 
     init_distributed(1, 1)
+    if a.attention == "megatron":  # every row takes DotProductAttention's own path
+        from erpo_mega.models.chunked_attention import ChunkedDotProductAttention
+
+        ChunkedDotProductAttention.chunk_tokens = 1 << 62
+    print(f"attention: {a.attention}, recompute: {a.recompute}", flush=True)
     rows = []
     print(f"{'layers':>6} {'tokens':>7} {'static GiB':>10} {'peak GiB':>9} {'logprob s':>9} {'train s':>8} "
           f"{'train tok/s':>11}", flush=True)

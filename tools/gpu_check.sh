@@ -11,7 +11,7 @@
 #      on CUDA, optimizer resume on CUDA, and the TE-spec checks when transformer_engine exists;
 #   2. a 2-step embedded RL run with model.bf16=true and a checkpoint, then --resume to step 3;
 #   3. memory/throughput of Qwen2.5-7B-shaped layers (2 and 4 layers, 5k and 16k tokens).
-# Figures and logs go to $OUT (default ./gpu_check_out); summary.txt collects the key lines.
+# Step timeouts sum to < 600 s (the device tool's per-call limit). Figures and logs go to $OUT (default ./gpu_check_out); summary.txt collects the key lines.
 # Exit status: non-zero if any part failed (every part runs regardless).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ EOF
 
 if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
   # into a private dir on PYTHONPATH: works with a system python, a venv or a read-only site
-  step install 300 "$PY" -m pip install --no-index --no-deps --target "$REPO/.gpu_site" "$WHEELS"/*.whl
+  step install 60 "$PY" -m pip install --no-index --no-deps --target "$REPO/.gpu_site" "$WHEELS"/*.whl
 else
   note "no wheels in $WHEELS (run 'prepare' here first and carry .whl)"; FAILED=1
 fi
@@ -66,7 +66,7 @@ export ERPO_LOG_LEVEL=${ERPO_LOG_LEVEL:-WARNING}
   || note "transformer_engine: absent (TE-spec checks skip)"
 
 # 1. gpu tests (pytest-timeout may be absent there: no --timeout flag)
-step gpu_tests 360 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests
+step gpu_tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests
 tail -n 3 "$OUT/gpu_tests.log" | tee -a "$SUMMARY"
 
 # 2. 2-step embedded run in bf16 with a checkpoint, then --resume one more step
@@ -75,8 +75,8 @@ rm -rf "$RUN"
 ARGS=(examples/tiny_cpu.yaml "run_dir=$RUN" model.bf16=true sft.steps=0 train.steps=2
       checkpoint.every=1 eval.every=0 eval.num_prompts=16 tensorboard=false progress=false
       rollout.prompts_per_step=8 rollout.max_new_tokens=32)
-step run_bf16 240 "$PY" -m erpo_mega.cli train "${ARGS[@]}" \
-  && step resume_bf16 240 "$PY" -m erpo_mega.cli train "${ARGS[@]}" train.steps=3 --resume
+step run_bf16 100 "$PY" -m erpo_mega.cli train "${ARGS[@]}" \
+  && step resume_bf16 80 "$PY" -m erpo_mega.cli train "${ARGS[@]}" train.steps=3 --resume
 "$PY" - "$RUN" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
 from pathlib import Path
@@ -90,9 +90,12 @@ print("bf16 run: steps", [r["step"] for r in train],
 EOF
 
 # 3. Qwen2.5-7B-shaped layers: memory and throughput (recompute off, then full)
-step layers_7b 300 "$PY" tools/bench_7b_layers.py --layers 2 4 --tokens 5120 16384 --json "$OUT/layers_7b.json"
+step layers_7b 120 "$PY" tools/bench_7b_layers.py --layers 2 4 --tokens 5120 16384 --json "$OUT/layers_7b.json"
 grep -E "^ +[0-9]|->" "$OUT/layers_7b.log" | tee -a "$SUMMARY"
-step layers_7b_recompute 200 "$PY" tools/bench_7b_layers.py --layers 2 4 --tokens 16384 --recompute full \
+step layers_7b_baseline 50 "$PY" tools/bench_7b_layers.py --layers 2 --tokens 5120 16384 --attention megatron \
+  --json "$OUT/layers_7b_baseline.json"
+grep -E "^ +[0-9]|->" "$OUT/layers_7b_baseline.log" | sed 's/^/[megatron attention] /' | tee -a "$SUMMARY"
+step layers_7b_recompute 50 "$PY" tools/bench_7b_layers.py --layers 2 4 --tokens 16384 --recompute full \
   --json "$OUT/layers_7b_recompute.json"
 grep -E "^ +[0-9]|->" "$OUT/layers_7b_recompute.log" | tee -a "$SUMMARY"
 
