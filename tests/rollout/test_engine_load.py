@@ -112,6 +112,9 @@ def test_oversized_and_malformed_bodies_are_refused_before_reading(server):
         assert reply.startswith(b"HTTP/1.1 400") and b"invalid Content-Length" in reply, bad
     reply = _raw(server.url, b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in reply
+    # a real client sending a too-large body gets the 413 (the body is drained, not parsed)
+    status, out = _post(server.url, "/generate", {"input_ids": [[5] * 100] * 400})
+    assert status == 413 and "exceeds the server's limit of 100000 bytes" in out["error"]["message"]
     status, out = _post(server.url, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}})
     assert status == 200 and len(out["output_ids"]) == 1  # the server is fine afterwards
 

@@ -35,6 +35,7 @@ log = logging.getLogger("erpo_mega.engine.http")
 REQUEST_QUEUE_SIZE = 1024                  # listen backlog (the kernel caps it at somaxconn)
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # weight pushes carry shared-memory handles, not tensors
 DEFAULT_MAX_CONNECTIONS = 1024
+DRAIN_MAX_BYTES = 256 * 1024 * 1024        # an oversized body up to this is read and dropped, not parsed
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
 
@@ -103,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
             n = int(header)
         limit = self.server.max_body_bytes
         if n > limit:
+            if n <= DRAIN_MAX_BYTES:  # read and drop it (never kept, never parsed), so the client,
+                self._discard(n)      # still sending, gets the 413 instead of a connection reset
             raise _BadBody(413, f"request body of {n} bytes exceeds the server's limit of {limit} bytes "
                                 "(--max-request-bytes)")
         raw = self.rfile.read(n) if n else b""
@@ -111,6 +114,13 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw.strip():
             return {}
         return json.loads(raw)
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 20))
+            if not chunk:
+                return
+            n -= len(chunk)
 
     def _client_gone(self) -> bool:
         """True once the client closed its end (readable with no data); polled by /generate."""
