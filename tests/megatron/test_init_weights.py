@@ -68,7 +68,7 @@ def _exported(worker, cfg) -> dict[str, torch.Tensor] | None:
     return out if dist.get_rank() == 0 else None
 
 
-def _cases(hf_dir: str, mcore_dir: str, ckpt_root: str) -> dict:
+def _cases(hf_dir: str, mcore_dir: str, ckpt_root: str, llama_dir: str) -> dict:
     import gc
 
     from erpo_mega.megatron.batching import PolicyBatch
@@ -107,6 +107,10 @@ def _cases(hf_dir: str, mcore_dir: str, ckpt_root: str) -> dict:
             out[key + "/resumed_no_optim"] = _exported(fresh, cfg)
             del fresh
         del worker
+    # tied embeddings at PP2: the last stage's own copy of the embedding comes from the HF file too
+    llama = ModelConfig.from_hf_dir(llama_dir)
+    worker = PolicyWorker().setup(llama, ParallelConfig(tp=1, pp=2), tiny_lr, init_from=llama_dir, bf16=False)
+    out["llama_pp2_logp"] = worker.compute_logprobs(PolicyBatch(PROMPTS, RESPONSES))[0]
     return out
 
 
@@ -115,14 +119,15 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("init_weights")
     hf_dir = save_hf_model("qwen2", tmp / "hf")
     mcore_dir = convert_hf_to_mcore(hf_dir, tmp / "mcore", progress=False)
-    ranks = run_distributed(_cases, 2, str(hf_dir), str(mcore_dir), str(tmp / "ckpt"), timeout_s=900)
-    return ranks[0], _hf_tensors(hf_dir), _reference_logp(hf_dir)
+    llama_dir = save_hf_model("llama", tmp / "llama")
+    ranks = run_distributed(_cases, 2, str(hf_dir), str(mcore_dir), str(tmp / "ckpt"), str(llama_dir), timeout_s=900)
+    return ranks[0], _hf_tensors(hf_dir), _reference_logp(hf_dir), _reference_logp(llama_dir)
 
 
 @pytest.mark.parametrize("key", ["tp2pp1bf16hf/after_step", "tp1pp1bf16mcore/after_step",
                                  "tp2pp1bf16hf/resumed_no_optim"])
 def test_bf16_step_keeps_loaded_weights(results, key):
-    got, hf, _ = results
+    got, hf, _, _ = results
     dtype_key = key.split("/")[0] + "/dtype"
     if dtype_key in got:
         assert got[dtype_key] == "torch.bfloat16"
@@ -138,7 +143,7 @@ def test_bf16_step_keeps_loaded_weights(results, key):
 
 @pytest.mark.parametrize("key", ["tp2pp1fp32hf", "tp1pp2fp32hf"])
 def test_hf_dir_loads_into_any_layout(results, key):
-    got, hf, ref_logp = results
+    got, hf, ref_logp, _ = results
     mask = torch.zeros_like(ref_logp, dtype=torch.bool)
     for i, r in enumerate(RESPONSES):
         mask[i, :len(r)] = True
@@ -148,6 +153,12 @@ def test_hf_dir_loads_into_any_layout(results, key):
 
 
 def test_offloaded_worker_refuses_to_run_and_onload_restores(results):
-    got, _, _ = results
+    got, _, _, _ = results
     assert "offloaded" in got["offloaded_error"] and "onload" in got["offloaded_error"]
     assert torch.equal(got["onloaded_logp"], got["tp2pp1fp32hf/logp"])
+
+
+def test_tied_embeddings_load_into_the_last_pipeline_stage(results):
+    got, _, _, ref = results
+    mask = ref != 0
+    assert torch.allclose(got["llama_pp2_logp"][mask], ref[mask], atol=1e-4)
