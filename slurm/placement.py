@@ -331,12 +331,17 @@ def engine_command(plan: Plan, server: EngineServer, api_key: str | None = None)
     return cmd + split_args("ENGINE_ARGS", spec.engine_args)
 
 
+# cache_aware routes requests that share a prefix (a GRPO group: one prompt, n samples) to one
+# worker, which prefills the prompt once; round_robin would spread the group over every worker.
+ROUTER_POLICY = "cache_aware"
+
+
 def router_command(plan: Plan, api_key: str | None = None) -> list[str]:
     """sglang-router on the first engine node, bound to its address, metrics on the job's own port.
     Workers' /health runs a one-token generation on SGLang (>= 1 s): its check timeout has room."""
     assert plan.router_host is not None
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", plan.router_host,
-           "--port", str(plan.router_port), "--worker-urls", *plan.engine_urls, "--policy", "round_robin",
+           "--port", str(plan.router_port), "--worker-urls", *plan.engine_urls, "--policy", ROUTER_POLICY,
            "--prometheus-host", plan.router_host, "--prometheus-port", str(plan.router_metrics_port),
            "--health-check-timeout-secs", "30"]
     key = plan.spec.api_key if api_key is None else api_key

@@ -52,5 +52,5 @@ def test_router_command_parses_with_sglang_routers_own_parser(model_dir, nodes):
     assert f["router_url"] == f"http://{args.host}:{args.port}"
     assert args.host == args.prometheus_host == f["engine_nodes"].split(",")[0]
     assert args.prometheus_port == int(f["router_metrics_port"]) != 29000
-    assert args.api_key == "<api-key>" and args.policy == "round_robin"
+    assert args.api_key == "<api-key>" and args.policy == "cache_aware"
     assert args.health_check_timeout_secs >= 10  # SGLang's /health generates a token
