@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum, frame):
         stop.set()
+        engine.shutdown()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -89,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     thread.start()
     logging.getLogger("erpo_mega.engine").info("listening on http://%s:%d", args.host, server.server_port)
     try:
-        engine.load()
+        engine.load(start_worker=False)
     except Exception as e:
         logging.getLogger("erpo_mega.engine").error("failed to load %s: %s", args.model_path, e)
         server.shutdown()
         return 1
-    stop.wait()
+    if not stop.is_set():
+        engine.run_generation()  # on the main thread: torch's intra-op threads work from here
     engine.shutdown()
     server.shutdown()
     server.server_close()

@@ -134,16 +134,28 @@ class Engine:
         self._worker = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, start_worker: bool = True) -> None:
+        """Load weights (and tokenizer). `start_worker=False`: the caller runs `run_generation()`
+        on its main thread instead of a background thread (see there why)."""
         self.model = TorchLLM.from_hf_dir(self.model_path, dtype=self.dtype)
         if not self.skip_tokenizer_init and _has_tokenizer(self.tokenizer_path):
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        self._worker.start()
+        if start_worker:
+            self._worker.start()
         self.ready.set()
         log.info("engine ready: %s (%s params)", self.model_path,
                  sum(p.numel() for p in self.model.parameters()))
+
+    def run_generation(self) -> None:
+        """The generation loop in the calling thread, until `shutdown()`.
+
+        Why the main thread: with torch's OpenMP intra-op pool, ops issued from a secondary
+        Python thread ran single-threaded here (a 2-thread decode step took the 1-thread time);
+        `python -m erpo_mega.rollout.serve` therefore runs this on its main thread.
+        """
+        self._loop()
 
     def shutdown(self) -> None:
         with self._cv:
@@ -280,7 +292,7 @@ class Engine:
             with self._cv:
                 while not self._stop and not self._can_admit() and \
                         (not runner.active or self._paused):
-                    self._cv.wait(0.05 if self._queue else None)
+                    self._cv.wait(0.05 if self._queue else 0.25)
                 if self._stop:
                     return
                 admit: list[Sequence] = []
