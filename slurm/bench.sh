@@ -63,7 +63,9 @@ if [[ "${COLLECTIVES:-1}" != 0 ]]; then
         "$PYTHON" -m erpo_mega.bench.collectives --sizes-mb ${COLLECTIVE_SIZES_MB:-1 16 128} \
         --json "$OUT/collectives.json" | tee "$OUT/collectives.md" || { echo "[bench.sh] collectives FAILED" >&2; failed=1; }
 fi
+slot=0
 for point in $SWEEP; do
+    slot=$((slot + 1))
     IFS=: read -r nodes tp pp placement bucket <<< "$point"
     placement="${placement:-colocated}"
     if [[ -z "$nodes" || -z "$tp" || -z "$pp" ]] || (( nodes > ${#ALL_NODES[@]} )); then
@@ -81,6 +83,7 @@ for point in $SWEEP; do
     # The launcher plans over the nodes it is given: this point's first NODES nodes.
     if ! SLURM_JOB_NODELIST="$subset" SLURM_NODELIST="$subset" SLURM_JOB_NUM_NODES="$nodes" SLURM_NNODES="$nodes" \
         PLACEMENT="$placement" TP="$tp" PP="$pp" ENGINE="$engine" MODEL_DIR="$MODEL_DIR" RUN_DIR="$OUT/$name" \
+        ERPO_PORT_SLOT="$slot" \
         TRAIN_CMD="$cmd" \
         "$PYTHON" slurm/launch.py; then
         echo "[bench.sh] point $name FAILED (logs in $OUT/$name/logs)" >&2

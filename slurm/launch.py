@@ -487,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir or f"runs/{os.environ.get('SLURM_JOB_NAME', 'erpo')}-{job_id}").resolve()
         nodes = expand_hostlist(nodelist)
         spec = LaunchSpec(
-            nodes=nodes, job_id=job_id, placement=args.placement,
+            # ERPO_PORT_SLOT: several launches inside one job (slurm/bench.sh's sweep points) each take
+            # their own port block, so one point's lingering sockets never collide with the next's.
+            nodes=nodes, job_id=job_id + (_env_int("ERPO_PORT_SLOT", 0) or 0), placement=args.placement,
             rollout_nodes=args.rollout_nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
             tp=args.tp, pp=args.pp, engine=args.engine, engine_tp=args.engine_tp,
             engine_deterministic=args.engine_deterministic, model_dir=args.model_dir, config=args.config,
