@@ -12,8 +12,9 @@ a block-diagonal causal mask keeps samples from attending to each other, so a pa
 sample computes what it would compute alone (RoPE in megatron's local attention uses the
 row offset, but RoPE scores depend only on relative offsets, so this is equal up to
 rounding; tested). A sample is never split, which keeps per-sequence loss aggregations
-exact. Bins are filled first-fit-decreasing; without pipeline parallelism each micro-batch
-has its own length, so the only padding is none at all.
+exact. Bins are filled first-fit-decreasing; each micro-batch has its own length (at PP > 1
+too: the model config sets megatron's variable_seq_lengths), so the only padding is the
+rounding to `pad_multiple`.
 
 Data parallelism. Samples go to DP ranks by token-balanced greedy assignment (longest
 first, to the least-loaded rank, ties to the lower rank): deterministic, so every TP/PP
@@ -280,8 +281,9 @@ def plan_micro_batches(batch: PolicyBatch, dp_rank: int, dp_size: int, micro_bat
                        pack: bool = True) -> list[MicroBatch]:
     """This DP rank's packed micro-batches.
 
-    `uniform_length=True` pads every micro-batch to the longest one of this rank (pipeline
-    parallelism sends fixed-shape activations between stages). Raises if this rank gets no
+    `uniform_length=True` pads every micro-batch to the longest one of this rank, for a
+    pipeline schedule that sends fixed-shape activations; the policy's own model config sets
+    megatron's `variable_seq_lengths` under PP instead, so it does not. Raises if this rank gets no
     samples: a step needs at least as many non-empty samples as DP ranks.
     """
     if not 0 <= dp_rank < dp_size:

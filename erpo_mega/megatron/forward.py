@@ -93,12 +93,15 @@ def run_schedule(model_chunks: Sequence[torch.nn.Module], micro_batches: list[Mi
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     device = next(model_chunks[0].parameters()).device
     micro_batches = [mb.to(device) for mb in micro_batches]
     lengths = {mb.num_tokens for mb in micro_batches}
-    if ps.get_pipeline_model_parallel_world_size() > 1 and len(lengths) != 1:
-        raise ValueError(f"pipeline parallelism needs micro-batches of one length, got {sorted(lengths)}")
+    variable = get_model_config(model_chunks[0]).variable_seq_lengths
+    if ps.get_pipeline_model_parallel_world_size() > 1 and len(lengths) != 1 and not variable:
+        raise ValueError(f"pipeline parallelism without variable_seq_lengths in the model config needs "
+                         f"micro-batches of one length, got {sorted(lengths)}")
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)

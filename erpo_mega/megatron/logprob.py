@@ -23,9 +23,11 @@ def plan_for_this_rank(batch: PolicyBatch, micro_batch_tokens: int, pad_multiple
     packing gives bitwise-equal forwards, so the first step's ratio is exactly 1)."""
     from megatron.core import parallel_state as ps
 
+    # Each micro-batch keeps its own (pad_multiple-rounded) length at every PP size: the model
+    # config has variable_seq_lengths under PP, so megatron's p2p sends shapes first.
     return plan_micro_batches(
         batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), micro_batch_tokens,
-        uniform_length=ps.get_pipeline_model_parallel_world_size() > 1, pad_multiple=pad_multiple, pack=pack)
+        pad_multiple=pad_multiple, pack=pack)
 
 
 def packing_of(model_chunks) -> str | None:

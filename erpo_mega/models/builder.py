@@ -78,6 +78,12 @@ def make_transformer_config(cfg: ModelConfig, opts: BuildOptions | None = None):
         params_dtype=opts.params_dtype,
         bf16=opts.bf16,
         pipeline_dtype=opts.params_dtype,
+        # Packed micro-batches have their own lengths; with PP the schedule then sends each
+        # activation's shape ahead of it instead of assuming one fixed [S, 1, H] for all.
+        variable_seq_lengths=ps.get_pipeline_model_parallel_world_size() > 1,
+        # (megatron rejects variable_seq_lengths with the default MoE dispatcher even for a
+        # dense model; the dispatcher is unused here, so name the one it accepts)
+        moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         # Fusions need CUDA kernels; the unfused paths are the same math.

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from erpo_mega.algo import LossConfig, LossNormalizer, policy_loss
 from erpo_mega.megatron.batching import PolicyBatch
 from erpo_mega.megatron.config import OptimConfig, ParallelConfig
+from erpo_mega.megatron.logprob import plan_for_this_rank
 from erpo_mega.megatron.train_step import forward_backward
 from erpo_mega.megatron.worker import PolicyWorker
 from tests.megatron.helpers import MODEL, gather_full, make_rollout, set_full_weights, training_batch
@@ -45,6 +46,9 @@ def run_layout(tp: int, pp: int, budget: int, loss_cfg: LossConfig = LOSS) -> di
     """Log-prob pass, ERPO advantages, gradients (DP=1 only) and one optimizer step."""
     worker = _setup(tp, pp, budget)
     model = worker.modules.unwrapped()[0]
+    seen: list[int] = []  # rows entering this stage's first layer (at PP > 1 stage 2: what p2p delivered)
+    hook = model.decoder.layers[0].register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(int(kw["hidden_states"].shape[0])), with_kwargs=True)
     batch, logp, entropy, stats = _first_batch(worker)
     out = {"logp": logp, "entropy": entropy, "advantages": batch.advantages, "cdp_fraction": stats["cdp_fraction"]}
     if _dp() == 1:  # with the distributed optimizer main_grad is only valid on this rank's shard
@@ -55,6 +59,9 @@ def run_layout(tp: int, pp: int, budget: int, loss_cfg: LossConfig = LOSS) -> di
     out["metrics"] = worker.train_step(batch, loss_cfg, temperature=TEMPERATURE)
     out["params"] = gather_full(model)
     out["batch"] = batch
+    hook.remove()
+    out["stage_input_lengths"] = seen
+    out["planned_lengths"] = [mb.num_tokens for mb in plan_for_this_rank(batch, budget)]
     return out
 
 
@@ -108,7 +115,8 @@ def two_rank_layouts() -> dict | None:
     out = {}
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
         res = run_layout(tp, pp, budget=40)
-        out[name] = res if dist.get_rank() == 0 else {"metrics": res["metrics"], "logp": res["logp"]}
+        out[name] = res if dist.get_rank() == 0 else {
+            "metrics": res["metrics"], "logp": res["logp"], "stage_input_lengths": res["stage_input_lengths"]}
     return out
 
 

@@ -84,6 +84,18 @@ def test_tp_and_pp_match_reference(single, two, layout):
     assert_same_step(single["ref"], two[0][layout])
 
 
+def test_pp2_micro_batches_keep_their_own_lengths(single, two):
+    # variable_seq_lengths: every PP stage, the receiving one included, runs each packed
+    # micro-batch at its own length (40, 39, 38, 3 here), not padded to the longest, in the
+    # log-prob pass, the forward-backward and the train step; and the step equals the reference
+    pp2 = two[0]["pp2"]
+    planned = pp2["planned_lengths"]
+    assert len(set(planned)) > 1 and min(planned) < max(planned) // 2
+    assert pp2["stage_input_lengths"] == planned * 3  # rank 0: first stage
+    assert two[1]["pp2"]["stage_input_lengths"] == planned * 3  # rank 1: input arrived by p2p
+    assert_same_step(single["ref"], pp2)
+
+
 @pytest.mark.slow
 def test_dp2_matches_reference(single, two):
     # main_grad is sharded by the distributed optimizer at DP > 1: compare grad norm and params
