@@ -174,7 +174,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # [1, S] long
     position_ids: torch.Tensor  # [1, S] long, restarting at 0 per sample
     target_ids: torch.Tensor  # [1, S] long, next token at each position
-    attention_mask: torch.Tensor  # [1, 1, S, S] bool, True = masked (megatron convention)
+    segment_ids: torch.Tensor  # [1, S] long: packed sample of each position (padding: its own)
     samples: list[int]
     gather_pos: torch.Tensor  # [n, T_mb] long
     valid: torch.Tensor  # [n, T_mb] bool, real response tokens
@@ -186,10 +186,21 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Dense [1, 1, S, S] bool block-causal mask, True = masked (megatron's convention);
+        built on demand, for core attentions that need it (plain DotProductAttention)."""
+        return block_causal_mask(self.segment_ids[0])
+
+    def segment_mask(self) -> torch.Tensor:
+        """The compact [1, 1, 1, S] int32 form `ChunkedDotProductAttention` takes in place of
+        `attention_mask` (see models/chunked_attention.py): no S x S tensor."""
+        return self.segment_ids.to(torch.int32)[:, None, None, :]
+
     def to(self, device) -> MicroBatch:
         move = {k: v.to(device) for k, v in self.per_token.items()}
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.target_ids.to(device),
-                          self.attention_mask.to(device), list(self.samples), self.gather_pos.to(device),
+                          self.segment_ids.to(device), list(self.samples), self.gather_pos.to(device),
                           self.valid.to(device), self.loss_mask.to(device), move, list(self.seg_lengths))
 
     def thd_params(self):
@@ -221,7 +232,7 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[S] segment ids -> [1, 1, S, S] bool, True where query i may NOT attend key j."""
     s = segment_ids.numel()
     same = segment_ids[:, None] == segment_ids[None, :]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
     return ~(same & causal)[None, None]
 
 
@@ -266,7 +277,7 @@ def build_micro_batch(batch: PolicyBatch, samples: list[int], pad_to: int | None
         input_ids=torch.tensor(ids, dtype=torch.long)[None],
         position_ids=torch.tensor(pos, dtype=torch.long)[None],
         target_ids=torch.tensor(tgt, dtype=torch.long)[None],
-        attention_mask=block_causal_mask(torch.tensor(seg)),
+        segment_ids=torch.tensor(seg, dtype=torch.long)[None],
         samples=list(samples), gather_pos=gather_pos, valid=valid, loss_mask=loss_mask, per_token=per_token,
         seg_lengths=[n for n in torch.bincount(torch.tensor(seg)).tolist() if n],
     )

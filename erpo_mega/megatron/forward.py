@@ -21,15 +21,21 @@ from erpo_mega.parallel.vocab_parallel import logprob_and_entropy
 def packing_mode(model) -> str | None:
     """How several samples share a row for this model's core attention.
 
-    "mask": megatron's local `DotProductAttention` (and our chunked subclass) with the
-    explicit block-diagonal mask; "thd": TransformerEngine's attention with packed-sequence
+    "segments": our `ChunkedDotProductAttention` everywhere, fed the compact segment mask
+    (`MicroBatch.segment_mask()`, no S x S tensor); "mask": megatron's local
+    `DotProductAttention` with the explicit dense block-diagonal mask; "thd": TransformerEngine's attention with packed-sequence
     params (cu_seqlens per sample; GPU only, set ERPO_THD_PACKING=0 to fall back to one sample
     per micro-batch); None: one sample per micro-batch.
     """
     import os
 
     if prepare_packed_attention(model):
-        return "mask"
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from erpo_mega.models.chunked_attention import ChunkedDotProductAttention
+
+        cores = [m for m in model.modules() if isinstance(m, DotProductAttention)]
+        return "segments" if all(isinstance(m, ChunkedDotProductAttention) for m in cores) else "mask"
     names = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DotProductAttention")}
     if names == {"TEDotProductAttention"} and os.environ.get("ERPO_THD_PACKING", "1") != "0":
         return "thd"
@@ -107,6 +113,8 @@ def run_schedule(model_chunks: Sequence[torch.nn.Module], micro_batches: list[Mi
         mb = next(data_iterator)
         if packing == "thd":  # TransformerEngine: per-sample sequences by cu_seqlens, no mask
             output = model(mb.input_ids, mb.position_ids, None, packed_seq_params=mb.thd_params())
+        elif packing == "segments":  # chunked local attention: each query chunk's mask from segment ids
+            output = model(mb.input_ids, mb.position_ids, mb.segment_mask())
         else:
             output = model(mb.input_ids, mb.position_ids, mb.attention_mask)
         return output, lambda logits: loss_for(mb, logits)

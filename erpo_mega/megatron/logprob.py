@@ -31,7 +31,7 @@ def plan_for_this_rank(batch: PolicyBatch, micro_batch_tokens: int, pad_multiple
 
 
 def packing_of(model_chunks) -> str | None:
-    """"mask", "thd" or None (one sample per micro-batch); see `forward.packing_mode`."""
+    """"segments", "mask", "thd" or None (one sample per micro-batch); see `forward.packing_mode`."""
     modes = {packing_mode(getattr(c, "module", c)) for c in model_chunks}
     return modes.pop() if len(modes) == 1 else None
 

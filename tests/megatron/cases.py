@@ -12,7 +12,7 @@ import torch.distributed as dist
 from erpo_mega.algo import LossConfig, LossNormalizer, policy_loss
 from erpo_mega.megatron.batching import PolicyBatch
 from erpo_mega.megatron.config import OptimConfig, ParallelConfig
-from erpo_mega.megatron.logprob import plan_for_this_rank
+from erpo_mega.megatron.logprob import packing_of, plan_for_this_rank
 from erpo_mega.megatron.train_step import forward_backward
 from erpo_mega.megatron.worker import PolicyWorker
 from tests.megatron.helpers import MODEL, gather_full, make_rollout, set_full_weights, training_batch
@@ -61,6 +61,7 @@ def run_layout(tp: int, pp: int, budget: int, loss_cfg: LossConfig = LOSS) -> di
     out["batch"] = batch
     hook.remove()
     out["stage_input_lengths"] = seen
+    out["packing"] = packing_of(worker.model_chunks)
     out["planned_lengths"] = [mb.num_tokens for mb in plan_for_this_rank(batch, budget)]
     return out
 
@@ -98,7 +99,15 @@ def single_rank_checks() -> dict:
     """World of one: (1,1,1) reference, packing/budget independence, unpacked reference."""
     results = {"ref": run_layout(1, 1, budget=64)}
     results["budget_small"] = run_layout(1, 1, budget=20)  # many micro-batches
-    results["budget_huge"] = run_layout(1, 1, budget=10_000)  # one micro-batch
+    # one micro-batch (~130 tokens), through the query-chunked attention path with 16-token
+    # chunks and per-chunk masks from the segment ids (rows this short normally fall back)
+    from erpo_mega.models.chunked_attention import ChunkedDotProductAttention
+
+    default_chunk, ChunkedDotProductAttention.chunk_tokens = ChunkedDotProductAttention.chunk_tokens, 16
+    try:
+        results["budget_huge"] = run_layout(1, 1, budget=10_000)
+    finally:
+        ChunkedDotProductAttention.chunk_tokens = default_chunk
     seq_mean = LossConfig(aggregation="seq-mean-token-mean", kl_coef=0.05, tis_cap=2.0)
     results["seqmean_small"] = run_layout(1, 1, budget=20, loss_cfg=seq_mean)
     results["seqmean_large"] = run_layout(1, 1, budget=64, loss_cfg=seq_mean)

@@ -64,6 +64,14 @@ def test_result_does_not_depend_on_micro_batch_budget(single, name):
     assert_same_step(single["ref"], other)
 
 
+def test_local_spec_packs_by_segment_ids(single):
+    # the local spec's chunked attention gets the compact segment mask, never a dense S x S one;
+    # budget_huge ran it with 16-token query chunks (chunked path, per-chunk masks) and equals
+    # the reference above (test_result_does_not_depend_on_micro_batch_budget)
+    assert single["ref"]["packing"] == single["budget_huge"]["packing"] == "segments"
+    assert single["budget_huge"]["planned_lengths"][0] > 16
+
+
 def test_seq_mean_aggregation_does_not_depend_on_budget(single):
     small, large = single["seqmean_small"], single["seqmean_large"]
     assert small["metrics"]["num_micro_batches"] > large["metrics"]["num_micro_batches"]
