@@ -257,6 +257,37 @@ def wait_healthy(sup: Supervisor, urls: dict[str, str], timeout_s: float, api_ke
             time.sleep(0.5)
 
 
+def wait_router_workers(sup: Supervisor, url: str, n: int, timeout_s: float, api_key: str = "") -> None:
+    """Wait until the router lists all `n` workers as healthy (GET /workers). sglang-router answers
+    /health before it has registered its workers, and until then it sends every request to the
+    ones it has; a router without that endpoint (404) has nothing to wait on."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while True:
+        if sup.procs["router"].poll() is not None:
+            sup.print_tails("router")
+            raise LaunchFailed(f"router exited with code {sup.procs['router'].returncode} while registering workers")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/workers", headers=headers),
+                                        timeout=10.0) as resp:
+                workers = json.load(resp).get("workers", [])
+            seen = sum(1 for w in workers if isinstance(w, dict) and w.get("is_healthy", True))
+            if seen >= n:
+                log(f"router lists {seen} healthy workers")
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return
+        except (urllib.error.URLError, OSError, ValueError, AttributeError):
+            pass
+        if time.monotonic() > deadline:
+            sup.print_tails("router")
+            raise LaunchFailed(f"router lists {seen} of {n} workers as healthy after {timeout_s:.0f}s "
+                               "(ENGINE_TIMEOUT)")
+        time.sleep(0.5)
+
+
 def log_weight_versions(plan: Plan, api_key: str) -> None:
     """One line per engine with the weight version it serves (GET /model_info): the job's output
     then shows that every engine, not just the one the router happened to pick, got the last sync."""
@@ -317,6 +348,7 @@ def run(plan: Plan, run_dir: Path, engine_timeout_s: float) -> int:
             sup.start("router", srun_step("router", [plan.router_node], 1, router_command(plan), str(router_log)),
                       [router_log])
             wait_healthy(sup, {"router": plan.router_url}, 120.0, api_key)
+            wait_router_workers(sup, plan.router_url, len(plan.engines), 120.0, api_key)
 
         log(f"phase train: {plan.world_size} ranks on {','.join(plan.train_nodes)} (dp={plan.dp})")
         argv = ["bash", "-c", _RANK_SHIM, "erpo-rank", *train_command(plan)]
