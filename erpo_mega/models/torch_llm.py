@@ -185,6 +185,12 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start:start + s] = v
             k = cache.k[layer][:, :, : start + s]
             v = cache.v[layer][:, :, : start + s]
+        return self._attend(q, k, v, mask)
+
+    def _attend(self, q, k, v, mask):
+        """SDPA over [B, heads, S, D] (each KV head repeated for its GQA query heads), then o_proj;
+        `mask` [B, S, T] is True where a query may attend."""
+        b, _, s, _ = q.shape
         groups = self.num_heads // self.num_kv
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
@@ -210,12 +216,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         cache.k[layer][slots, :, :s] = k
         cache.v[layer][slots, :, :s] = v
-        groups = self.num_heads // self.num_kv
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self._attend(q, k, v, mask)
 
     def decode_slots(self, x, cos, sin, hide, layer: int, cache: SlotKVCache, pos: torch.Tensor, width: int):
         """One new token per active slot [0, B): write its K/V at `pos`, attend over [0, width)
