@@ -28,6 +28,10 @@ if [ "$DEV" = 1 ]; then
   python -c "import importlib.metadata as m; assert m.version('sglang') == '0.5.23'" 2>/dev/null || \
     pip install -q --no-deps sglang==0.5.23
   pip install -q pybase64 orjson msgspec pydantic pydantic-core annotated-types typing-inspection pyzmq dill
+  # the native CPU kernels (erpo_mega/native) build with cc; CI requires them (ERPO_NATIVE=require)
+  if ! command -v cc >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q gcc libc6-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q gcc libc6-dev >/dev/null; }
+  fi
   if ! command -v slurmctld >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       bash tools/slurm_local_cluster.sh install
