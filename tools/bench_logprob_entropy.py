@@ -120,6 +120,7 @@ class BenchConfig:
     slime_dir: str | None
     naive: bool
     before_file: str | None = None
+    torch_path: bool = True
 
 
 def load_slime(slime_dir: str):
@@ -143,12 +144,19 @@ def load_before(path: str):
     return module.logprob_and_entropy
 
 
-def ours_passes(cfg: BenchConfig, vocab_shard: int, entropy_grad: bool) -> int:
-    """Sweeps over the shard ours must make (module doc of `vocab_parallel`)."""
+def ours_passes(cfg: BenchConfig, vocab_shard: int, entropy_grad: bool, native: bool, inplace: bool) -> int:
+    """Sweeps over the shard ours must make through memory (module doc of `vocab_parallel`).
+
+    Native kernels (fp32 CPU): forward reads x (1), backward reads x and writes the gradient (2) = 3,
+    in place or into a fresh buffer alike. Torch path: 3 when recomputing; with the softmax kept,
+    read x + write p, read p + write the gradient (4), 5 when the entropy gradient reads x again.
+    """
     from erpo_mega.parallel.vocab_parallel import DEFAULT_SAVE_BYTES
 
+    if native:
+        return 3
     budget = DEFAULT_SAVE_BYTES if cfg.save_bytes is None else cfg.save_bytes
-    kept = cfg.dtype == "float32" and cfg.tokens * vocab_shard * 4 <= budget
+    kept = not inplace and cfg.dtype == "float32" and cfg.tokens * vocab_shard * 4 <= budget
     return (5 if entropy_grad else 4) if kept else 3
 
 
@@ -203,11 +211,32 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
             torch.cuda.synchronize()
         dist.barrier()
 
+    from erpo_mega.native import native_status
+    from erpo_mega.parallel.vocab_parallel import _native_for
+
+    native = _native_for(shard_data.reshape(-1, vs)) is not None
+    inplace_buf = torch.empty_like(shard_data)  # in-place paths consume their input: refilled untimed
+    inplace_buf.copy_(shard_data)
+    flush = torch.ones(max(1, 64 * MIB // 4), device=device)  # read between runs: no path starts cache-warm
+
+    def ours(eg, inplace=False, torch_path=False):
+        def run(s):
+            if torch_path:
+                os.environ["ERPO_NATIVE"] = "0"
+            try:
+                return logprob_and_entropy(s, targets, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
+                                           entropy_grad=eg, save_bytes=cfg.save_bytes, inplace_grad=inplace)
+            finally:
+                if torch_path:
+                    os.environ.pop("ERPO_NATIVE")
+        return run
+
     results = []
     for entropy_grad in cfg.entropy_grads:
-        paths = {"ours": lambda s, eg=entropy_grad: logprob_and_entropy(
-            s, targets, temperature=cfg.temperature, chunk_size=cfg.chunk_size, entropy_grad=eg,
-            save_bytes=cfg.save_bytes)}
+        # name -> (function of the shard, consumes its input)
+        paths = {"ours": (ours(entropy_grad), False), "ours in-place": (ours(entropy_grad, inplace=True), True)}
+        if native and cfg.torch_path:
+            paths["ours torch path"] = (ours(entropy_grad, torch_path=True), False)
         if slime_fn is not None:
             if cfg.temperature != 1.0:
                 raise ValueError("--slime-dir: slime's function takes no temperature; use --temperature 1")
@@ -216,33 +245,47 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
                 logp, entropy = slime_fn(s, targets, group, with_entropy=True, with_entropy_grad=eg)
                 return logp.view(targets.shape), entropy  # slime returns the log-prob as [tokens, 1]
 
-            paths["slime"] = slime_path
+            paths["slime"] = (slime_path, False)
         if before_fn is not None:
-            paths["before"] = lambda s, eg=entropy_grad: before_fn(s, targets, temperature=cfg.temperature,
-                                                                   entropy_grad=eg)
+            paths["before"] = (lambda s, eg=entropy_grad: before_fn(s, targets, temperature=cfg.temperature,
+                                                                    entropy_grad=eg), False)
         if cfg.naive:
-            paths["naive"] = lambda s, eg=entropy_grad: _naive(s, targets, cfg.temperature, eg)
+            paths["naive"] = (lambda s, eg=entropy_grad: _naive(s, targets, cfg.temperature, eg), False)
 
-        def step(fn, eg=entropy_grad):
-            shard = shard_data.detach().requires_grad_()
+        def prepare(consumes):  # untimed: refill a consumed input, then evict the caches
+            if consumes:
+                inplace_buf.copy_(shard_data)
+            flush.sum()
+
+        def step(fn, consumes, eg=entropy_grad):
+            shard = (inplace_buf if consumes else shard_data).detach().requires_grad_()
             logp, entropy = fn(shard)
             loss = (logp * w1).sum()
             if eg:
                 loss = loss + (entropy * w2).sum()
-            loss.backward()
-            return logp.detach(), entropy.detach(), shard.grad
+            (grad,) = torch.autograd.grad(loss, shard)  # no .grad accumulation (which may copy)
+            return logp.detach(), entropy.detach(), grad
 
         out = {"tp": tp, "rank": rank, "vocab_shard": vs, "entropy_grad": entropy_grad, "cuda": cuda,
-               "chunk": cfg.chunk_size or default_chunk_size(vs, device=device),
-               "passes": ours_passes(cfg, vs, entropy_grad), "shard_bytes": shard_data.numel() * shard_data.element_size()}
-        values = {name: step(fn) for name, fn in paths.items()}  # warm-up, and the values compared below
-        timed = {**{name: (lambda fn=fn: step(fn)) for name, fn in paths.items()},
-                 "copy": lambda: copy_dst.copy_(shard_data)}
-        timed["copy"]()
+               "chunk": cfg.chunk_size or default_chunk_size(vs, device=device), "native": native,
+               "native_status": native_status("logprob_entropy"),
+               "passes": {name: ours_passes(cfg, vs, entropy_grad, native and name != "ours torch path",
+                                            name == "ours in-place")
+                          for name in paths if name.startswith("ours")},
+               "shard_bytes": shard_data.numel() * shard_data.element_size()}
+        values = {}
+        for name, (fn, consumes) in paths.items():  # warm-up, and the values compared below
+            prepare(consumes)
+            lp, h, gr = step(fn, consumes)
+            values[name] = (lp, h, gr.clone() if consumes else gr)
+        timed = {**{name: (lambda fn=fn, c=consumes: step(fn, c), consumes) for name, (fn, consumes) in paths.items()},
+                 "copy": (lambda: copy_dst.copy_(shard_data), False)}
+        timed["copy"][0]()
         times = {name: [] for name in timed}
         cpu_times = {name: [] for name in timed}
         for _ in range(cfg.repeats):  # interleaved, so load drifting on a shared machine hits every path
-            for name, fn in timed.items():
+            for name, (fn, consumes) in timed.items():
+                prepare(consumes)
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
@@ -253,18 +296,19 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
         for name in timed:
             out[f"{name}_s"] = statistics.median(times[name])
             out[f"{name}_cpu_s"] = statistics.median(cpu_times[name])
-        for name, fn in paths.items():
+        for name, (fn, consumes) in paths.items():
+            prepare(consumes)
             sync()
             if cuda:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                step(fn)
+                step(fn, consumes)
                 torch.cuda.synchronize()
                 out[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
             else:
                 with LiveStorageBytes() as mode:
-                    result = step(fn)
+                    result = step(fn, consumes)
                 out[f"{name}_peak_bytes"] = mode.peak
                 del result
             sync()
@@ -274,6 +318,7 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
                 lp, h, gr = values[name]
                 out[f"{name}_max_abs_diff"] = max(float((lp - lp_o).abs().max()), float((h - h_o).abs().max()),
                                                   float((gr.float() - g_o.float()).abs().max()))
+        out["paths"] = list(paths)
         results.append(out)
     destroy_distributed()
     return results
@@ -282,7 +327,7 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
 def _summarise(rank_results: list[dict]) -> dict:
     """Slowest rank's time, largest rank's memory and difference."""
     row = {k: rank_results[0][k] for k in ("tp", "vocab_shard", "entropy_grad", "chunk", "passes", "shard_bytes",
-                                           "cuda")}
+                                           "cuda", "native", "native_status", "paths")}
     for key in rank_results[0]:
         if key.endswith(("_s", "_peak_bytes", "_max_abs_diff")):  # also *_cpu_s
             row[key] = max(r[key] for r in rank_results)
@@ -290,26 +335,31 @@ def _summarise(rank_results: list[dict]) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    others = [name for name in ("slime", "before", "naive") if f"{name}_s" in rows[0]]
-    head = ["TP", "entropy grad", "V/TP", "chunk", "passes", "copy GB/s", "ours ms", "ours GB/s", "% of copy",
-            "% of copy, CPU time"]
-    for name in others:
-        head += [f"{name} ms", f"time ours/{name}"]
-    head += ["peak extra MiB ours"] + [f"{name}" for name in others]
-    head += [f"mem ours/{name}" for name in others] + [f"max abs diff vs {name}" for name in others]
+    """One line per (TP, entropy gradient, path); the copy line gives the bandwidth the others are compared with."""
+    head = ["TP", "entropy grad", "path", "passes", "ms", "GB/s", "% of copy", "% of copy, CPU time",
+            "time / slime", "peak extra MiB", "mem / slime", "max abs diff vs ours"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         copy_gbs = 2 * r["shard_bytes"] / r["copy_s"] / 1e9
-        ours_gbs = r["passes"] * r["shard_bytes"] / r["ours_s"] / 1e9
-        cells = [r["tp"], "on" if r["entropy_grad"] else "off", r["vocab_shard"], r["chunk"], r["passes"],
-                 f"{copy_gbs:.1f}", f"{r['ours_s'] * 1e3:.0f}", f"{ours_gbs:.1f}", f"{100 * ours_gbs / copy_gbs:.0f}%",
-                 "n/a" if r["cuda"] else f"{100 * r['passes'] * r['copy_cpu_s'] / (2 * r['ours_cpu_s']):.0f}%"]
-        for name in others:
-            cells += [f"{r[f'{name}_s'] * 1e3:.0f}", f"{r['ours_s'] / r[f'{name}_s']:.2f}"]
-        cells += [f"{r['ours_peak_bytes'] / MIB:.0f}"] + [f"{r[f'{name}_peak_bytes'] / MIB:.0f}" for name in others]
-        cells += [f"{r['ours_peak_bytes'] / r[f'{name}_peak_bytes']:.2f}" for name in others]
-        cells += [f"{r[f'{name}_max_abs_diff']:.1e}" for name in others]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        slime = "slime_s" in r
+        for name in [*r["paths"], "copy"]:
+            passes = 2 if name == "copy" else r["passes"].get(name)
+            t, cpu = r[f"{name}_s"], r[f"{name}_cpu_s"]
+            cells = [r["tp"], "on" if r["entropy_grad"] else "off", name, passes if passes else "",
+                     f"{t * 1e3:.0f}"]
+            if passes:
+                gbs = passes * r["shard_bytes"] / t / 1e9
+                cpu_pct = "n/a" if r["cuda"] else f"{100 * passes * r['copy_cpu_s'] / (2 * cpu):.0f}%"
+                cells += [f"{gbs:.1f}", f"{100 * gbs / copy_gbs:.0f}%", cpu_pct]
+            else:
+                cells += ["", "", ""]
+            cells.append(f"{t / r['slime_s']:.2f}" if slime and name != "copy" else "")
+            peak = r.get(f"{name}_peak_bytes")
+            cells.append("" if peak is None else f"{peak / MIB:.0f}")
+            cells.append(f"{peak / r['slime_peak_bytes']:.2f}" if slime and peak is not None else "")
+            diff = r.get(f"{name}_max_abs_diff")
+            cells.append("" if diff is None else f"{diff:.1e}")
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -331,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--before-file", default=None,
                     help="another vocab_parallel.py to time as 'before' (e.g. the previous commit's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the all-gather path (slow at TP 1)")
+    ap.add_argument("--no-torch-path", action="store_true",
+                    help="skip 'ours torch path' (ours with ERPO_NATIVE=0, timed when the native kernels run)")
     ap.add_argument("--thp", action="store_true",
                     help="set THP_MEM_ALLOC_ENABLE=1 for the ranks: PyTorch then backs large CPU tensors with "
                          "2 MiB pages, so first touching a fresh [tokens, V/TP] buffer costs far fewer page "
@@ -358,7 +410,7 @@ def main(argv=None) -> int:
                       device=args.device, temperature=args.temperature, entropy_grads=grads,
                       chunk_size=args.chunk_size, save_bytes=args.save_bytes, repeats=args.repeats,
                       simulate_on_one_gpu=args.simulate_on_one_gpu, slime_dir=args.slime_dir, naive=not args.no_naive,
-                      before_file=args.before_file)
+                      before_file=args.before_file, torch_path=not args.no_torch_path)
 
     from erpo_mega.parallel.spawn import run_distributed
 
@@ -372,7 +424,8 @@ def main(argv=None) -> int:
         rows.extend(_summarise([r[i] for r in per_rank]) for i in range(len(grads)))
         print(f"tp={tp} done in {time.time() - t0:.0f} s", file=sys.stderr)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"config: {asdict(cfg)}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
+    print(f"config: {asdict(cfg)}, native kernels: {rows[0]['native_status']}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"1-min load average {load_before:.1f} before / {load_after:.1f} after\n")
     print(markdown_table(rows))

@@ -82,10 +82,15 @@ def mask_padded_vocab(logits_shard: torch.Tensor, vocab_size: int) -> torch.Tens
 
 
 def token_logprob_entropy(logits_shard: torch.Tensor, mb: MicroBatch, vocab_size: int, temperature: float,
-                          entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, T_mb] log-prob of each response token and entropy at its position (vocab-parallel)."""
+                          entropy_grad: bool = False, inplace_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, T_mb] log-prob of each response token and entropy at its position (vocab-parallel).
+
+    `inplace_grad`: backward writes the logits' gradient into their own storage (see
+    `logprob_and_entropy`); only for logits that nothing else reads afterwards.
+    """
     logits = mask_padded_vocab(logits_shard, vocab_size)
-    logp, entropy = logprob_and_entropy(logits, mb.target_ids, temperature=temperature, entropy_grad=entropy_grad)
+    logp, entropy = logprob_and_entropy(logits, mb.target_ids, temperature=temperature, entropy_grad=entropy_grad,
+                                        inplace_grad=inplace_grad)
     return mb.unpack(logp), mb.unpack(entropy)
 
 

@@ -66,9 +66,16 @@ def _reduce_metrics_over_dp(metrics: dict[str, torch.Tensor], device) -> dict[st
 
 def forward_backward(model_chunks: Sequence[torch.nn.Module], batch: PolicyBatch, loss_cfg: LossConfig, *,
                      vocab_size: int, micro_batch_tokens: int, temperature: float = 1.0,
-                     loss_fn: Callable = policy_loss, pad_multiple: int = 1) -> dict[str, float]:
+                     loss_fn: Callable = policy_loss, pad_multiple: int = 1,
+                     inplace_logits_grad: bool = True) -> dict[str, float]:
     """Zero the gradient buffers, then accumulate d(step loss)/d(params) into DDP's main_grad
-    (reduced over DP). Returns the whole-step loss metrics, identical on every rank."""
+    (reduced over DP). Returns the whole-step loss metrics, identical on every rank.
+
+    `inplace_logits_grad`: the logits' gradient overwrites the logits (no fresh `[tokens, V/TP]`
+    buffer). They are a temporary of `loss_for`: the loss reads only the per-token log-prob and
+    entropy, and the output layer's backward needs its input and weight, not its output (a node
+    that did save them would fail autograd's version check, not read the gradient).
+    """
     from megatron.core import parallel_state as ps
 
     if batch.advantages is None or batch.old_logp is None:
@@ -79,7 +86,8 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], batch: PolicyBatch
     entropy_grad = loss_cfg.entropy_coef != 0
 
     def loss_for(mb: MicroBatch, logits: torch.Tensor):
-        logp, entropy = token_logprob_entropy(logits, mb, vocab_size, temperature, entropy_grad=entropy_grad)
+        logp, entropy = token_logprob_entropy(logits, mb, vocab_size, temperature, entropy_grad=entropy_grad,
+                                              inplace_grad=inplace_logits_grad)
         p = mb.per_token
         loss, metrics = loss_fn(logp, p["old_logp"].to(logp.dtype), p["advantages"].to(logp.dtype), mb.loss_mask,
                                 loss_cfg, normalizer=normalizer, ref_logp=p.get("ref_logp"),

@@ -36,8 +36,11 @@ whatever the logits dtype.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -195,6 +198,103 @@ def _local_statistics(flat: torch.Tensor, temperature: float, chunk: int, keep: 
     return row_max, log_z, p_d / p_sum, p_sum
 
 
+# ---------------------------------------------------------------- native CPU kernels
+
+_NATIVE_CFLAGS = ("-ffp-contract=fast",)  # FMA in the polynomial of the kernel's exp
+_NATIVE_MIN_ROW_ELEMENTS = 2**20  # below this many logits a call stays on one thread
+_native_lock = threading.Lock()
+_native_ready: dict[int, ctypes.CDLL] = {}
+_pool: ThreadPoolExecutor | None = None
+
+
+def _native_kernels() -> ctypes.CDLL | None:
+    """`erpo_mega/native/src/logprob_entropy.c` built and typed, or None (then the torch path runs).
+
+    `ERPO_NATIVE=0` is honoured at every call, so tests can compare both paths in one process.
+    """
+    from erpo_mega.native import load_library, native_mode
+
+    if native_mode() == "off":
+        return None
+    lib = load_library("logprob_entropy", extra_cflags=_NATIVE_CFLAGS)
+    if lib is None:
+        return None
+    with _native_lock:
+        if id(lib) not in _native_ready:
+            p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+            lib.erpo_lpe_forward.argtypes = [p, i64, i64, i64, f32, p, p, p]
+            lib.erpo_lpe_forward.restype = None
+            lib.erpo_lpe_backward.argtypes = [p, p, i64, i64, i64, i64, f32, p, p, p, p, p, p]
+            lib.erpo_lpe_backward.restype = None
+            _native_ready[id(lib)] = lib
+    return lib
+
+
+def _native_for(flat: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels when they can read `flat` directly: fp32 CPU rows of unit stride."""
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or (flat.shape[1] > 1 and flat.stride(1) != 1):
+        return None
+    return _native_kernels()
+
+
+def _ptr(t: torch.Tensor, first: int = 0) -> ctypes.c_void_p:
+    """Address of element `first` along dim 0 of a CPU tensor (no bounds check: callers size the calls)."""
+    return ctypes.c_void_p(t.data_ptr() + first * t.stride(0) * t.element_size())
+
+
+def _over_rows(fn, n: int, vs: int) -> None:
+    """`fn(first, end)` over `torch.get_num_threads()` contiguous row ranges (ctypes drops the GIL)."""
+    global _pool
+    threads = min(torch.get_num_threads(), n)
+    if threads <= 1 or n * vs < _NATIVE_MIN_ROW_ELEMENTS:
+        if n:
+            fn(0, n)
+        return
+    with _native_lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="erpo-lpe")
+        pool = _pool
+    bounds = [n * k // threads for k in range(threads + 1)]
+    for f in [pool.submit(fn, a, b) for a, b in zip(bounds, bounds[1:])]:
+        f.result()
+
+
+def _native_statistics(lib, flat: torch.Tensor, temperature: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_local_statistics` in one read of the logits (online softmax in C, double accumulation);
+    the kernel's normaliser is exact, so the returned softmax-sum correction is 1."""
+    n, vs = flat.shape
+    row_max = torch.empty(n, dtype=torch.float32)
+    sums = torch.empty(2, n, dtype=torch.float64)  # sum e^d, sum e^d d
+    s, sd = sums[0], sums[1]
+    ld, inv_t = flat.stride(0), 1.0 / temperature
+
+    def rows(a: int, b: int) -> None:
+        lib.erpo_lpe_forward(_ptr(flat, a), b - a, vs, ld, inv_t, _ptr(row_max, a), _ptr(s, a), _ptr(sd, a))
+
+    _over_rows(rows, n, vs)
+    return row_max, s.log().float(), (sd / s).float(), torch.ones(n, dtype=torch.float32)
+
+
+def _native_gradient(lib, flat: torch.Tensor, out: torch.Tensor, temperature: float, row_max: torch.Tensor,
+                     log_p_offset: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None,
+                     local_t: torch.Tensor, at_target: torch.Tensor) -> None:
+    """out_j = exp(d_j + offset) (alpha + beta d_j) [+ at_target at the target], d = (x - m) / T:
+    one read of `flat`, one write of `out` (which may be `flat` itself)."""
+    n, vs = flat.shape
+    per_row = [t.contiguous() for t in (row_max, log_p_offset, alpha)]
+    b = beta.contiguous() if beta is not None else None
+    t_col, at = local_t.contiguous(), at_target.contiguous()
+    inv_t = 1.0 / temperature
+
+    def rows(a: int, e: int) -> None:
+        lib.erpo_lpe_backward(_ptr(flat, a), _ptr(out, a), e - a, vs, flat.stride(0), out.stride(0), inv_t,
+                              *(_ptr(t, a) for t in per_row), None if b is None else _ptr(b, a),
+                              _ptr(t_col, a), _ptr(at, a))
+
+    _over_rows(rows, n, vs)
+
+
 def _fix_rows(flat, temperature, chunk, rows, row_max, stats, keep) -> None:
     """Redo the statistics of `rows` with -inf floored (an all -inf shard becomes uniform there; the
     global combination then gives it zero weight because its max is the floor)."""
@@ -216,17 +316,26 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, local_targets, owned, active, group, world, temperature, chunk, entropy_grad,
-                save_bytes):
+                save_bytes, inplace_grad):
         order = _token_order(logits)
         flat = _flat_logits(logits, order)
         local_t, own, act = (_flat_tokens(t, order) for t in (local_targets, owned, active))
         n, vs = flat.shape
-        # Keep p_local for backward when it is within the byte budget and can become the gradient
-        # itself (fp32 logits): no second exp sweep in backward, no extra peak memory.
+        lib = _native_for(flat)
+        # In place only where `flat` is the logits' own storage (not a reshape copy).
+        inplace = (inplace_grad and ctx.needs_input_grad[0]
+                   and flat.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr())
+        # Torch path: keep p_local for backward when it is within the byte budget and can become the
+        # gradient itself (fp32 logits): no second exp sweep in backward, no extra peak memory.
+        # The native kernels recompute instead (3 passes, not 4), as does the in-place mode.
         keep = None
-        if ctx.needs_input_grad[0] and logits.dtype == torch.float32 and n * vs * 4 <= save_bytes:
+        if (lib is None and not inplace and ctx.needs_input_grad[0] and logits.dtype == torch.float32
+                and n * vs * 4 <= save_bytes):
             keep = torch.empty(n, vs, dtype=torch.float32, device=flat.device)
-        row_max, local_log_z, mean_d, p_sum = _local_statistics(flat, temperature, chunk, keep)
+        if lib is not None:
+            row_max, local_log_z, mean_d, p_sum = _native_statistics(lib, flat, temperature)
+        else:
+            row_max, local_log_z, mean_d, p_sum = _local_statistics(flat, temperature, chunk, keep)
 
         target_x = flat.gather(1, local_t[:, None]).squeeze(1).float()
         local_max = row_max if temperature == 1.0 else (row_max / temperature).clamp_(min=_NEG_FLOOR)
@@ -252,7 +361,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(logits, local_targets, owned, active, row_max, share, log_p_offset, entropy)
         ctx.order, ctx.temperature, ctx.chunk, ctx.entropy_grad = order, temperature, chunk, entropy_grad
-        ctx.kept = keep
+        ctx.kept, ctx.inplace, ctx.native = keep, inplace, lib is not None  # backward takes the same path
         ctx.set_materialize_grads(False)
         lead = logits.shape[:-1]
         out_logp = _unflat_tokens(logp, lead, order)
@@ -269,18 +378,21 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         if not ctx.entropy_grad:
             grad_entropy = None
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
+            return (None,) * 11
         order, temperature, chunk = ctx.order, ctx.temperature, ctx.chunk
         flat = _flat_logits(logits, order)
+        lib = _native_for(flat) if ctx.native else None
         local_t, own, act = (_flat_tokens(t, order) for t in (local_targets, owned, active))
 
         def upstream(grad):  # fp32 per token, zero at masked tokens
             return torch.where(act, _flat_tokens(grad.to(torch.float32), order), 0.0)
 
         g_lp = upstream(grad_logp) if grad_logp is not None else torch.zeros_like(share)
-        # grad_j = p_j * coef_j (+ g_lp / T at the target), p_j = share * p_local_j, and
+        # grad_j = p_j * coef_j (+ g_lp / T at the target), and
         #   coef_j = -(g_lp + g_h (log p_j + H)) / T = alpha + beta * d_j   (log p_j = d_j + offset)
-        scale = share / -temperature
+        # The torch path folds p_j = share * p_local_j into alpha and beta; the native kernel
+        # computes p_j = exp(d_j + offset) itself.
+        scale = (share if lib is None else torch.ones_like(share)) / -temperature
         if grad_entropy is not None:
             g_h = upstream(grad_entropy)
             beta = (scale * g_h)[:, None]
@@ -291,11 +403,24 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         t_col = local_t[:, None]
 
         n, vs = flat.shape
-        if kept is not None and grad_entropy is None:  # one in-place sweep over the kept softmax
+        if ctx.inplace:
+            # The gradient overwrites the logits: any other autograd user of them that saved them
+            # now fails its version check instead of reading the gradient as logits.
+            torch.autograd.graph.increment_version(logits)
+        if lib is not None:  # one read of x, one write of the gradient
+            grad_flat = flat if ctx.inplace else torch.empty(n, vs, dtype=torch.float32)
+            a, b = (alpha, beta) if grad_entropy is not None else (coef, None)
+            _native_gradient(lib, flat, grad_flat, temperature, row_max, log_p_offset, a.squeeze(1),
+                             None if b is None else b.squeeze(1), local_t, at_target.squeeze(1))
+        elif kept is not None and grad_entropy is None:  # one in-place sweep over the kept softmax
             grad_flat = kept.mul_(coef).scatter_add_(1, t_col, at_target)
         else:
-            grad_flat = kept if kept is not None else torch.empty(flat.shape, dtype=logits.dtype,
-                                                                  device=logits.device)
+            if kept is not None:
+                grad_flat = kept
+            elif ctx.inplace:  # each chunk's logits are read (into d) before its gradient overwrites them
+                grad_flat = flat
+            else:
+                grad_flat = torch.empty(flat.shape, dtype=logits.dtype, device=logits.device)
             rows = max(1, min(chunk, n))
             d_buf = torch.empty(rows, vs, dtype=torch.float32, device=flat.device)
             p_buf = (torch.empty(rows, vs, dtype=torch.float32, device=flat.device)
@@ -315,9 +440,11 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                 p.scatter_add_(1, t_col[sl], at_target[sl])  # in fp32, before any rounding to bf16
                 if p_buf is not None:
                     grad_flat[sl].copy_(p)
+        if ctx.inplace:
+            return (logits.detach(),) + (None,) * 10  # `flat` is a view of the logits' storage
         permuted_shape = [logits.shape[d] for d in order] + [logits.shape[-1]]
         inverse = [order.index(d) for d in range(len(order))] + [logits.dim() - 1]
-        return (grad_flat.view(permuted_shape).permute(inverse),) + (None,) * 9
+        return (grad_flat.view(permuted_shape).permute(inverse),) + (None,) * 10
 
 
 def logprob_and_entropy(
@@ -329,6 +456,7 @@ def logprob_and_entropy(
     entropy_grad: bool = False,
     mask: torch.Tensor | None = None,
     save_bytes: int | None = None,
+    inplace_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of `target_ids` and entropy of softmax(logits / temperature), per token.
 
@@ -349,7 +477,14 @@ def logprob_and_entropy(
         save_bytes: byte budget for keeping the fp32 softmax `[tokens, V/TP]` from forward to
             backward (fp32 logits that need a gradient only: the buffer then becomes the gradient);
             above it, backward recomputes the softmax chunk by chunk. None = `DEFAULT_SAVE_BYTES`;
-            0 always recomputes.
+            0 always recomputes. The native CPU kernels (fp32) always recompute.
+        inplace_grad: write the gradient into `logits_shard`'s own storage in backward instead of
+            a fresh `[tokens, V/TP]` buffer (as megatron's vocab-parallel cross entropy does): no
+            gradient-sized allocation and no first-touch page faults. For logits that are a
+            temporary nobody reads after this call: after backward they hold the gradient. Their
+            version counter is bumped, so another autograd node that saved them fails loudly
+            instead of reading the gradient; a second backward through this call fails the same
+            way. Ignored where the logits cannot be viewed as `[tokens, V/TP]` (a copy is made).
 
     Returns:
         `(logp, entropy)`, both fp32 with `target_ids`' shape.
@@ -374,6 +509,8 @@ def logprob_and_entropy(
     if save_bytes is not None and (not isinstance(save_bytes, int) or isinstance(save_bytes, bool)
                                    or save_bytes < 0):
         raise ValueError(f"save_bytes: must be an int >= 0 or None, got {save_bytes!r}")
+    if not isinstance(inplace_grad, bool):
+        raise ValueError(f"inplace_grad: must be a bool, got {inplace_grad!r}")
     device = logits_shard.device
     if mask is None:
         active = torch.ones(target_ids.shape, dtype=torch.bool, device=device)
@@ -400,4 +537,5 @@ def logprob_and_entropy(
     chunk = chunk_size or default_chunk_size(vocab_shard, device=device)
     return _VocabParallelLogprobEntropy.apply(
         logits_shard, local_targets, owned.to(torch.float32), active, group, world,
-        float(temperature), chunk, bool(entropy_grad), DEFAULT_SAVE_BYTES if save_bytes is None else save_bytes)
+        float(temperature), chunk, bool(entropy_grad), DEFAULT_SAVE_BYTES if save_bytes is None else save_bytes,
+        inplace_grad)

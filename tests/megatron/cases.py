@@ -116,7 +116,21 @@ def single_rank_checks() -> dict:
     batch, logp, entropy, _ = _first_batch(worker)
     results["unpacked"] = _unpacked_reference(worker, batch, LOSS)
     results["unpacked_seqmean"] = _unpacked_reference(worker, batch, seq_mean)
+    results["logits_grad"] = _inplace_vs_fresh_logits_grad(worker, batch)
     return results
+
+
+def _inplace_vs_fresh_logits_grad(worker: PolicyWorker, batch: PolicyBatch) -> dict:
+    """forward_backward with the logits' gradient written in place (the default) and into a fresh buffer."""
+    model = worker.modules.unwrapped()[0]
+    out = {}
+    for name, inplace in (("inplace", True), ("fresh", False)):
+        fb = forward_backward(worker.model_chunks, batch, LOSS, vocab_size=MODEL.vocab_size, micro_batch_tokens=64,
+                              temperature=TEMPERATURE, inplace_logits_grad=inplace)
+        out[name] = {"metrics": fb, "grads": gather_full(model, lambda p: p.main_grad)}
+    for chunk in worker.model_chunks:
+        chunk.zero_grad_buffer()
+    return out
 
 
 def two_rank_layouts() -> dict | None:

@@ -51,6 +51,15 @@ def test_reference_matches_unpacked_full_vocab_autograd(single):
     assert max(float(g.abs().max()) for g in ref["grads"].values()) > 0.05
 
 
+def test_logits_gradient_in_place_changes_nothing(single):
+    """The train step's loss and gradients are the same whether the vocab-parallel backward writes
+    the logits' gradient into the logits or into a fresh buffer."""
+    inplace, fresh = single["logits_grad"]["inplace"], single["logits_grad"]["fresh"]
+    assert inplace["metrics"]["loss"] == fresh["metrics"]["loss"]
+    assert max_diff(inplace["grads"], fresh["grads"]) < 1e-7
+    assert max(float(g.abs().max()) for g in fresh["grads"].values()) > 0.05
+
+
 def test_seq_mean_aggregation_matches_unpacked_reference(single):
     assert single["seqmean_large"]["fb_metrics"]["loss"] == pytest.approx(single["unpacked_seqmean"]["loss"],
                                                                            abs=LOSS_TOL)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from erpo_mega.native import native_status
 from erpo_mega.parallel.spawn import run_distributed
-from erpo_mega.parallel.vocab_parallel import default_chunk_size, logprob_and_entropy
+from erpo_mega.parallel.vocab_parallel import _native_kernels, default_chunk_size, logprob_and_entropy
 
 IGNORE = -100
 
@@ -36,6 +37,7 @@ class Case:
     neg_inf: bool = False  # some vocabulary entries are -inf
     seed: int = 0
     save_bytes: int | None = None  # None: the default budget keeps the fp32 softmax; 0: recompute
+    inplace: bool = False  # inplace_grad: the gradient overwrites the logits
 
 
 CASES = [
@@ -57,6 +59,14 @@ CASES = [
          seed=9, save_bytes=0),
     Case("fp32_recompute_logp_only", (2, 21), 96, chunk_size=8, loss="logp", seed=10, save_bytes=0),
     Case("fp32_kept_neg_inf_logp_only", (2, 15), 96, chunk_size=4, loss="logp", neg_inf=True, seed=11),
+    # the gradient written into the logits' own storage
+    Case("fp32_inplace_temp_mask", (3, 37), 96, temperature=0.7, chunk_size=16, entropy_grad=True, masked=True,
+         seed=12, inplace=True),
+    Case("fp32_inplace_seq_first_neg_inf", (4, 9), 96, temperature=1.3, entropy_grad=True, seq_first=True,
+         neg_inf=True, seed=13, inplace=True),
+    Case("fp32_inplace_logp_only_odd_vocab", (2, 21), 100, chunk_size=8, loss="logp", seed=14, inplace=True),
+    Case("bf16_inplace", (4, 25), 1024, dtype=torch.bfloat16, temperature=0.9, chunk_size=7, entropy_grad=True,
+         masked=True, seed=15, inplace=True),
 ]
 
 
@@ -97,7 +107,7 @@ def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 
     before = leaf.detach().clone()
     logp, entropy = logprob_and_entropy(shard_in, targets, tp_group=tp_group, temperature=case.temperature,
                                         chunk_size=case.chunk_size, entropy_grad=case.entropy_grad, mask=mask,
-                                        save_bytes=case.save_bytes)
+                                        save_bytes=case.save_bytes, inplace_grad=case.inplace)
     unchanged_after_forward = torch.equal(leaf.detach(), before)
     loss = 0.0
     if case.loss in ("both", "logp"):
@@ -109,7 +119,9 @@ def run_case(case: Case, rank: int, world: int, tp_group=None, data_seed: int = 
     return {
         "logp": logp.detach().cpu(), "entropy": entropy.detach().cpu(), "grad": grad.contiguous().cpu(),
         "entropy_requires_grad": entropy.requires_grad, "logp_dtype": logp.dtype,
-        "unchanged": unchanged_after_forward and torch.equal(leaf.detach(), before),
+        # in place, the logits' storage ends up holding the gradient; otherwise it is never written
+        "unchanged": unchanged_after_forward and (torch.equal(leaf.detach(), leaf.grad) if case.inplace
+                                                  else torch.equal(leaf.detach(), before)),
     }
 
 
@@ -169,6 +181,7 @@ def check_errors(rank: int, world: int, tp_group) -> list[str]:
         "mask": dict(mask=torch.ones(3, 2, dtype=torch.bool)),
         "chunk_size": dict(chunk_size=0),
         "save_bytes": dict(save_bytes=-1),
+        "inplace_grad": dict(inplace_grad=1),
     }
     failures = []
     for field, kwargs in bad.items():
@@ -187,6 +200,8 @@ def check_errors(rank: int, world: int, tp_group) -> list[str]:
 
 def _worker_world4() -> dict:
     """Every multi-rank configuration in one spawn of 4 ranks (importing megatron costs ~7 s a rank)."""
+    import os
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -194,9 +209,12 @@ def _worker_world4() -> dict:
 
     init_distributed(tp=4)
     rank = dist.get_rank()
-    out = {"rank": rank}
-    # megatron TP=4, found through parallel_state (tp_group=None).
+    out = {"rank": rank, "native": _native_kernels() is not None}
+    # megatron TP=4, found through parallel_state (tp_group=None); native kernels and torch path.
     out["tp4"] = {c.name: run_case(c, rank, 4) for c in CASES}
+    os.environ["ERPO_NATIVE"] = "0"
+    out["tp4_torch"] = {c.name: run_case(c, rank, 4) for c in CASES}
+    os.environ.pop("ERPO_NATIVE")
     out["errors"] = check_errors(rank, 4, None)
     # A plain ProcessGroup passed explicitly: the default (world) group.
     out["tp4_world_group"] = {c.name: run_case(c, rank, 4, tp_group=dist.group.WORLD) for c in CASES[:2]}
@@ -205,6 +223,10 @@ def _worker_world4() -> dict:
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
     out["tp2"] = {"g_rank": tp_rank, "data_seed": dp_rank,
                   "cases": {c.name: run_case(c, tp_rank, 2, data_seed=dp_rank) for c in CASES}}
+    os.environ["ERPO_NATIVE"] = "0"
+    out["tp2_torch"] = {"g_rank": tp_rank, "data_seed": dp_rank,
+                        "cases": {c.name: run_case(c, tp_rank, 2, data_seed=dp_rank) for c in CASES}}
+    os.environ.pop("ERPO_NATIVE")
     out["tp2_errors"] = check_errors(tp_rank, 2, None)
     # Plain new_group()s over non-adjacent ranks, passed explicitly.
     groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -225,8 +247,19 @@ def _worker_world4() -> dict:
 # ---------------------------------------------------------------- tests
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run a test on the native C kernels (fp32 CPU) and on the torch path (`ERPO_NATIVE=0`)."""
+    if request.param == "torch":
+        monkeypatch.setenv("ERPO_NATIVE", "0")
+        assert _native_kernels() is None
+    elif _native_kernels() is None:
+        pytest.skip(f"native kernel unavailable: {native_status('logprob_entropy')}")
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_tp1_matches_full_vocab_reference(case):
+def test_tp1_matches_full_vocab_reference(case, kernel_path):
     check_against_reference(case, [run_case(case, rank=0, world=1)])
 
 
@@ -238,7 +271,7 @@ def test_tp1_on_cuda_matches_full_vocab_reference(case):
     check_against_reference(case, [run_case(case, rank=0, world=1, device="cuda")])
 
 
-def test_tp1_errors_name_the_argument():
+def test_tp1_errors_name_the_argument(kernel_path):
     assert check_errors(0, 1, None) == []
 
 
@@ -280,13 +313,20 @@ def world4():
 def test_tp4_megatron_group(world4):
     assert [r["errors"] for r in world4] == [[]] * 4
     _assert_parts({r["rank"]: r["tp4"] for r in world4}, CASES, where=" [tp4 megatron]")
+    _assert_parts({r["rank"]: r["tp4_torch"] for r in world4}, CASES, where=" [tp4 megatron, torch path]")
+
+
+def test_spawned_ranks_ran_the_native_kernels(world4):
+    if _native_kernels() is None:
+        pytest.skip(f"native kernel unavailable: {native_status('logprob_entropy')}")
+    assert all(r["native"] for r in world4)
 
 
 def test_tp4_plain_world_group(world4):
     _assert_parts({r["rank"]: r["tp4_world_group"] for r in world4}, CASES[:2], where=" [tp4 WORLD]")
 
 
-@pytest.mark.parametrize("config", ["tp2", "tp2_new_group"])
+@pytest.mark.parametrize("config", ["tp2", "tp2_torch", "tp2_new_group"])
 def test_tp2_groups_side_by_side(world4, config):
     """Two TP=2 groups with different data (megatron TP2xDP2; new_group over ranks {0,2},{1,3})."""
     assert [r["tp2_errors"] for r in world4] == [[]] * 4
@@ -318,7 +358,7 @@ def _live_storage_bytes_mode():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extra_memory_is_bounded_by_the_chunk_not_the_sequence(dtype):
+def test_extra_memory_is_bounded_by_the_chunk_not_the_sequence(dtype, kernel_path):
     tokens, vocab, chunk = 512, 256, 16
     logits = torch.randn(tokens, vocab).to(dtype).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,))
@@ -334,7 +374,7 @@ def test_extra_memory_is_bounded_by_the_chunk_not_the_sequence(dtype):
 
 
 @pytest.mark.parametrize("save_bytes", [None, 0])
-def test_second_backward_with_retained_graph_gives_the_same_gradient(save_bytes):
+def test_second_backward_with_retained_graph_gives_the_same_gradient(save_bytes, kernel_path):
     """The kept softmax becomes the first gradient; a second backward must recompute, not reuse it."""
     logits = torch.randn(6, 40, requires_grad=True)
     targets = torch.randint(0, 40, (6,))
@@ -348,7 +388,8 @@ def test_second_backward_with_retained_graph_gives_the_same_gradient(save_bytes)
 
 @pytest.mark.parametrize("save_bytes, kept", [(None, True), (512 * 64 * 4, True), (512 * 64 * 4 - 1, False),
                                               (0, False)])
-def test_softmax_is_kept_between_forward_and_backward_only_within_the_byte_budget(save_bytes, kept):
+def test_softmax_is_kept_between_forward_and_backward_only_within_the_byte_budget(save_bytes, kept, monkeypatch):
+    monkeypatch.setenv("ERPO_NATIVE", "0")  # the torch path's choice; the native kernels always recompute
     tokens, vocab = 512, 64
     logits = torch.randn(tokens, vocab, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))
@@ -361,6 +402,69 @@ def test_softmax_is_kept_between_forward_and_backward_only_within_the_byte_budge
     assert mode.peak <= softmax_bytes + 2 * 16 * vocab * 4 + 128 * tokens  # kept softmax becomes the grad
 
 
+def test_native_kernels_keep_nothing_between_forward_and_backward():
+    if _native_kernels() is None:
+        pytest.skip(f"native kernel unavailable: {native_status('logprob_entropy')}")
+    tokens, vocab = 512, 64
+    logits = torch.randn(tokens, vocab, requires_grad=True)
+    with _live_storage_bytes_mode() as mode:
+        logp, entropy = logprob_and_entropy(logits, torch.randint(0, vocab, (tokens,)), entropy_grad=True)
+        held = mode.current
+        (logp.sum() + entropy.sum()).backward()
+    assert held < 64 * tokens, held  # per-token statistics only
+    assert mode.peak <= tokens * vocab * 4 + 128 * tokens, mode.peak  # the gradient + per-token values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_gradient_allocates_no_gradient_buffer(dtype, kernel_path):
+    tokens, vocab, chunk = 512, 256, 16
+    logits = torch.randn(tokens, vocab).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+    with _live_storage_bytes_mode() as mode:
+        logp, entropy = logprob_and_entropy(logits, targets, chunk_size=chunk, entropy_grad=True, inplace_grad=True)
+        (logp.sum() + entropy.sum()).backward()
+    grad_bytes = logits.numel() * logits.element_size()
+    assert mode.peak <= 2 * chunk * vocab * 4 + 128 * tokens < grad_bytes, (mode.peak, grad_bytes)
+    assert torch.equal(logits.detach(), logits.grad)  # the logits' storage holds the gradient
+
+
+def test_inplace_gradient_fails_loudly_when_another_node_saved_the_logits(kernel_path):
+    leaf = torch.randn(8, 40, requires_grad=True)
+    logits = leaf * 1.0
+    other = torch.sin(logits)  # saves its input for backward; runs after ours in backward
+    logp, _ = logprob_and_entropy(logits, torch.randint(0, 40, (8,)), inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logp.sum() + other.sum()).backward()
+
+
+def test_inplace_gradient_second_backward_fails_loudly(kernel_path):
+    logits = torch.randn(6, 40) * 1.0
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1.0
+    logp, _ = logprob_and_entropy(x, torch.randint(0, 40, (6,)), inplace_grad=True)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
+def test_inplace_gradient_is_ignored_for_logits_that_are_not_a_view(kernel_path):
+    """[2, 3, V] sliced from [2, 4, V] cannot be viewed as [6, V]: the function works on a copy, so
+    writing into it would lose the gradient; it falls back to a fresh buffer and leaves the logits."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 4, 50, generator=g)
+    targets = torch.randint(0, 50, (2, 3), generator=g)
+    leaf = base.clone().requires_grad_()
+    logits = leaf[:, :3]
+    logp, entropy = logprob_and_entropy(logits, targets, entropy_grad=True, inplace_grad=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(leaf.detach(), base)
+    ref = base.double()[:, :3].requires_grad_()
+    log_p = torch.log_softmax(ref, -1)
+    (log_p.gather(-1, targets[..., None]).sum() - (log_p.exp() * log_p).sum()).backward()
+    torch.testing.assert_close(leaf.grad[:, :3].double(), ref.grad, rtol=1e-5, atol=5e-6)
+    assert torch.all(leaf.grad[:, 3] == 0)
+
+
 def test_no_softmax_is_kept_without_grad():
     logits = torch.randn(512, 64)
     with _live_storage_bytes_mode() as mode:
@@ -368,8 +472,8 @@ def test_no_softmax_is_kept_without_grad():
     assert mode.peak < 512 * 64 * 4, mode.peak
 
 
-@pytest.mark.parametrize("save_bytes", [None, 0])
-def test_large_vocabulary_keeps_fp32_summation_accuracy(save_bytes):
+@pytest.mark.parametrize("save_bytes, inplace", [(None, False), (0, False), (None, True)])
+def test_large_vocabulary_keeps_fp32_summation_accuracy(save_bytes, inplace, kernel_path):
     """At 65k entries a single running fp32 sum of the exps drifts by ~4e-6 relative; the entropy
     and gradient must stay at cascaded-sum accuracy (errors below 2e-6 against float64)."""
     g = torch.Generator().manual_seed(5)
@@ -379,7 +483,7 @@ def test_large_vocabulary_keeps_fp32_summation_accuracy(save_bytes):
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     g1, g2 = torch.randn(tokens, generator=g), torch.randn(tokens, generator=g)
     x = z.clone().requires_grad_()
-    logp, entropy = logprob_and_entropy(x, targets, entropy_grad=True, save_bytes=save_bytes)
+    logp, entropy = logprob_and_entropy(x, targets, entropy_grad=True, save_bytes=save_bytes, inplace_grad=inplace)
     ((logp * g1).sum() + (entropy * g2).sum()).backward()
     zd = z.double().requires_grad_()
     log_p = torch.log_softmax(zd, -1)
