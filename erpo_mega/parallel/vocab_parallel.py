@@ -202,6 +202,7 @@ def _local_statistics(flat: torch.Tensor, temperature: float, chunk: int, keep: 
 
 _NATIVE_CFLAGS = ("-ffp-contract=fast",)  # FMA in the polynomial of the kernel's exp
 _NATIVE_MIN_ROW_ELEMENTS = 2**20  # below this many logits a call stays on one thread
+_HUGEPAGE_MIN_BYTES = 16 * 2**20  # fresh gradient buffers this large get madvise(MADV_HUGEPAGE)
 _native_lock = threading.Lock()
 _native_ready: dict[int, ctypes.CDLL] = {}
 _pool: ThreadPoolExecutor | None = None
@@ -226,6 +227,8 @@ def _native_kernels() -> ctypes.CDLL | None:
             lib.erpo_lpe_forward.restype = None
             lib.erpo_lpe_backward.argtypes = [p, p, i64, i64, i64, i64, f32, p, p, p, p, p, p]
             lib.erpo_lpe_backward.restype = None
+            lib.erpo_lpe_advise_hugepages.argtypes = [p, i64]
+            lib.erpo_lpe_advise_hugepages.restype = ctypes.c_int
             _native_ready[id(lib)] = lib
     return lib
 
@@ -408,7 +411,12 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             # now fails its version check instead of reading the gradient as logits.
             torch.autograd.graph.increment_version(logits)
         if lib is not None:  # one read of x, one write of the gradient
-            grad_flat = flat if ctx.inplace else torch.empty(n, vs, dtype=torch.float32)
+            if ctx.inplace:
+                grad_flat = flat
+            else:
+                grad_flat = torch.empty(n, vs, dtype=torch.float32)
+                if grad_flat.nbytes >= _HUGEPAGE_MIN_BYTES:  # before the first touch
+                    lib.erpo_lpe_advise_hugepages(_ptr(grad_flat), grad_flat.nbytes)
             a, b = (alpha, beta) if grad_entropy is not None else (coef, None)
             _native_gradient(lib, flat, grad_flat, temperature, row_max, log_p_offset, a.squeeze(1),
                              None if b is None else b.squeeze(1), local_t, at_target.squeeze(1))
