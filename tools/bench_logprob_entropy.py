@@ -15,10 +15,16 @@ in the same run and on the same shards, time forward+backward and measure peak *
 
 Loss = sum(w1 * logp) [+ sum(w2 * entropy) with the entropy gradient on]; backward w.r.t. the shard.
 
-Bandwidth: ours must sweep the shard a fixed number of times (`ours_passes`): read the logits in
-forward and again in backward and write the gradient (3), or, when the fp32 softmax is kept within
-the byte budget, read the logits and write the softmax in forward and read/write it in backward (4;
-5 with the entropy gradient, which reads the logits once more). Bytes = passes x tokens x V/TP x
+Ours runs three ways: "ours" (native kernels on fp32 CPU, gradient into a fresh buffer), "ours
+in-place" (`inplace_grad=True`: the gradient overwrites the input, which is refilled from the same
+data before each run, untimed) and "ours torch path" (`ERPO_NATIVE=0`). Before every timed run a
+64 MiB buffer is read so that no path starts with the shard in cache.
+
+Bandwidth: ours must sweep the shard a fixed number of times (`ours_passes`): native kernels read
+the logits in forward and again in backward and write the gradient (3); the torch path does the
+same when recomputing, or, when the fp32 softmax is kept within the byte budget, reads the logits
+and writes the softmax in forward and reads/writes it in backward (4; 5 with the entropy gradient,
+which reads the logits once more). Bytes = passes x tokens x V/TP x
 element size; GB/s = bytes / (fwd+bwd time); "% of copy" compares it with the copy's GB/s.
 
 Peak extra memory = the high-water mark of bytes allocated *during* fwd+bwd that were still alive,

@@ -16,8 +16,13 @@ reduces per-token *scalars* across the TP group instead:
     dlogp_t/dz_j = (1[j=t] - p_j) / T    dH/dz_j = -p_j (log p_j + H) / T
 
 Speed. The function is memory-bound: its cost is the number of sweeps over the `[tokens, V/TP]`
-fp32 logits. Tokens are processed in chunks small enough to stay in the CPU's cache
-(`default_chunk_size`), so each chunk is read from memory once and the few elementwise steps
+fp32 logits. fp32 logits on the CPU go to compiled kernels (`erpo_mega/native/src/logprob_entropy.c`,
+built on first use; `ERPO_NATIVE=0` or no compiler -> the torch path below): forward reads each row
+once (online softmax, double accumulation), backward reads it once more and writes the gradient,
+3 passes in all, rows split over `torch.get_num_threads()` threads. With `inplace_grad=True` the
+gradient overwrites the logits (no gradient-sized allocation, no first-touch page faults); the
+train step uses that. The torch path (CUDA, bf16, no compiler) processes tokens in chunks small
+enough to stay in the CPU's cache (`default_chunk_size`), so each chunk is read from memory once and the few elementwise steps
 after the first one (subtract the max, one fused softmax, a multiply, row sums) run on cached
 data. Passes over main memory, per call:
 
@@ -26,12 +31,12 @@ data. Passes over main memory, per call:
     recomputed (otherwise):                         forward reads x;             backward reads x
         and writes the gradient.
 
-Keeping the softmax costs no extra peak memory for fp32 logits (its buffer becomes the
-gradient, which autograd needs anyway) but holds `tokens * V/TP * 4` bytes from forward to
+Keeping the softmax (torch path only) costs no extra peak memory for fp32 logits (its buffer
+becomes the gradient, which autograd needs anyway) but holds `tokens * V/TP * 4` bytes from forward to
 backward, hence the byte budget; recomputing costs one more exp per element in backward. Extra
-working memory beyond that is two fp32 `[chunk, V/TP]` buffers. The caller's logits are never
-written to (megatron's `vocab_parallel_cross_entropy` does write to them). Results are fp32
-whatever the logits dtype.
+working memory beyond that is two fp32 `[chunk, V/TP]` buffers. The caller's logits are only
+written to with `inplace_grad=True` (megatron's `vocab_parallel_cross_entropy` always writes to
+them). Results are fp32 whatever the logits dtype.
 """
 
 from __future__ import annotations
