@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("erpo_mega.engine").error("failed to load %s: %s", args.model_path, e)
         server.shutdown()
         return 1
+    if args.num_threads and args.num_threads > 1:
+        engine.use_row_threads(args.num_threads)
     if not stop.is_set():
         engine.run_generation()  # on the main thread: torch's intra-op threads work from here
     engine.shutdown()

@@ -18,6 +18,18 @@ from erpo_mega.rollout.protocol import parse_sampling_params
 from tests.rollout.helpers import save_tiny_model
 
 
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def kernel_path(request, monkeypatch):
+    """Every test here runs on the native decode kernels and on the plain-torch path (ERPO_NATIVE=0)."""
+    from erpo_mega.models import engine_native
+
+    if request.param == "torch":
+        monkeypatch.setenv("ERPO_NATIVE", "0")
+    elif engine_native.kernels() is None:
+        pytest.skip("native kernels unavailable here")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     path = tmp_path_factory.mktemp("runner_model")

@@ -14,6 +14,7 @@ paused or while a begin/end weight-update session is open.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from erpo_mega.models.hf_io import ConversionError
-from erpo_mega.models.torch_llm import TorchLLM, iter_hf_safetensors
+from erpo_mega.models.torch_llm import RowWorkers, TorchLLM, iter_hf_safetensors
 from erpo_mega.rollout import protocol as P
 from erpo_mega.rollout.engine.runner import BatchRunner, Sequence
 from erpo_mega.rollout.tensor_wire import (
@@ -147,6 +148,19 @@ class Engine:
         self.ready.set()
         log.info("engine ready: %s (%s params)", self.model_path,
                  sum(p.numel() for p in self.model.parameters()))
+
+    def use_row_threads(self, n: int) -> bool:
+        """Split each decode/prefill batch over `n` single-threaded row workers instead of giving
+        torch `n` intra-op threads (`TorchLLM.row_workers` says why). Only on the native fp32 CPU
+        path and unless `ERPO_ROW_THREADS=0`; sets torch's intra-op threads to 1 for this process
+        (the engine's own: `serve` calls this). Returns whether it took effect."""
+        if n < 2 or self.model is None or self.model._native_kernels() is None \
+                or os.environ.get("ERPO_ROW_THREADS", "1") == "0":
+            return False
+        self.model.row_workers = RowWorkers(n)
+        torch.set_num_threads(1)
+        log.info("decode rows split over %d worker threads (torch intra-op threads: 1)", n)
+        return True
 
     def run_generation(self) -> None:
         """The generation loop in the calling thread, until `shutdown()`.

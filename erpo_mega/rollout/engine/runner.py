@@ -151,9 +151,15 @@ class BatchRunner:
         if not self.seqs:
             return []
         device = self.model.lm_head.weight.device
-        tokens = torch.tensor([s.output_ids[-1] for s in self.seqs], device=device)
-        logits = self.model.decode_slots(tokens, self.cache)
-        self._sample(logits, self.seqs)
+        seqs = self.seqs
+        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=device)
+        args = self._sampling_args(seqs)
+
+        def head(logits: torch.Tensor, r0: int, r1: int):  # runs where rows [r0, r1) were computed
+            return sample_batch(logits.cpu(), *(a[r0:r1] for a in args))
+
+        parts = self.model.decode_slots_rows(tokens, self.cache, head)
+        self._apply(seqs, [t for p in parts for t in p[0]], [lp for p in parts for lp in p[1]])
         return self._collect()
 
     def abort_all(self, reason: dict) -> list[Sequence]:
@@ -166,11 +172,20 @@ class BatchRunner:
             self.cache.clear()
         return out
 
+    @staticmethod
+    def _sampling_args(seqs: list[Sequence]) -> tuple[list, list, list, list]:
+        """sample_batch's per-row arguments (params, uniforms, history, banned); each sequence
+        draws its uniform here, in row order, so a seeded sequence's draws do not depend on how
+        the batch is split."""
+        return ([s.params for s in seqs], [0.0 if s.params.greedy else s.next_uniform() for s in seqs],
+                [s.output_ids for s in seqs], [s.banned() for s in seqs])
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        params = [s.params for s in seqs]
-        uniforms = [0.0 if s.params.greedy else s.next_uniform() for s in seqs]
-        tokens, lps = sample_batch(logits.cpu(), params, uniforms, [s.output_ids for s in seqs],
-                                   [s.banned() for s in seqs])
+        tokens, lps = sample_batch(logits.cpu(), *self._sampling_args(seqs))
+        self._apply(seqs, tokens, lps)
+
+    @staticmethod
+    def _apply(seqs: list[Sequence], tokens: list[int], lps: list[float]) -> None:
         for s, t, lp in zip(seqs, tokens, lps):
             s.output_ids.append(t)
             s.output_logprobs.append(lp)

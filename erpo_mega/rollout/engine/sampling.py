@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from erpo_mega.models import engine_native
 from erpo_mega.rollout.protocol import SamplingParams
 
 
@@ -131,6 +132,9 @@ def sample_batch(raw: torch.Tensor, params: list[SamplingParams], uniforms: list
     b, v = raw.shape
     logits = adjust_batch(raw, params, history, banned)
     greedy = [sp.greedy for sp in params]
+    fast = _sample_native(logits, params, greedy, uniforms)
+    if fast is not None:
+        return fast
     temps = torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, params)],
                          dtype=logits.dtype)[:, None]
     scaled = logits / temps
@@ -156,6 +160,26 @@ def sample_batch(raw: torch.Tensor, params: list[SamplingParams], uniforms: list
     all_lps = torch.log_softmax(raw, -1) if return_original_logprob() else scaled_lps
     lps = all_lps.gather(1, tokens[:, None])[:, 0]
     return tokens.tolist(), lps.tolist()
+
+
+def _sample_native(logits: torch.Tensor, params: list[SamplingParams], greedy: list[bool],
+                   uniforms: list[float]) -> tuple[list[int], list[float]] | None:
+    """The whole batch in one C pass (`ek_sample`) when no row truncates (top-k/top-p/min-p) and
+    log-probs are the scaled ones; None: the torch path below decides (also for a row with no
+    finite logit, whose outcome the torch path defines)."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or return_original_logprob() \
+            or any(not g and _truncates(sp) for g, sp in zip(greedy, params)):
+        return None
+    ek = engine_native.kernels()
+    if ek is None:
+        return None
+    temps = torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, params)], dtype=torch.float32)
+    tokens, lps = ek.sample(logits.contiguous(), temps, torch.tensor(greedy, dtype=torch.uint8),
+                            torch.tensor(uniforms, dtype=torch.float64))
+    out = tokens.tolist()
+    if min(out, default=0) < 0:
+        return None
+    return out, lps.tolist()
 
 
 def choose_token(raw_logits: torch.Tensor, sp: SamplingParams, output_ids: list[int], banned: list[int],
