@@ -227,14 +227,17 @@ def _rank_main(cfg: BenchConfig, tp: int) -> list[dict]:
 
     def ours(eg, inplace=False, torch_path=False):
         def run(s):
+            mode = os.environ.get("ERPO_NATIVE")
             if torch_path:
                 os.environ["ERPO_NATIVE"] = "0"
             try:
                 return logprob_and_entropy(s, targets, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                                            entropy_grad=eg, save_bytes=cfg.save_bytes, inplace_grad=inplace)
             finally:
-                if torch_path:
+                if torch_path and mode is None:
                     os.environ.pop("ERPO_NATIVE")
+                elif torch_path:
+                    os.environ["ERPO_NATIVE"] = mode
         return run
 
     results = []

@@ -200,6 +200,15 @@ def check_errors(rank: int, world: int, tp_group) -> list[str]:
 # ---------------------------------------------------------------- spawned workers
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    import os
+
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def _worker_world4() -> dict:
     """Every multi-rank configuration in one spawn of 4 ranks (importing megatron costs ~7 s a rank)."""
     import os
@@ -214,9 +223,10 @@ def _worker_world4() -> dict:
     out = {"rank": rank, "native": _native_kernels() is not None}
     # megatron TP=4, found through parallel_state (tp_group=None); native kernels and torch path.
     out["tp4"] = {c.name: run_case(c, rank, 4) for c in CASES}
+    mode = os.environ.get("ERPO_NATIVE")
     os.environ["ERPO_NATIVE"] = "0"
     out["tp4_torch"] = {c.name: run_case(c, rank, 4) for c in CASES}
-    os.environ.pop("ERPO_NATIVE")
+    _restore_env("ERPO_NATIVE", mode)
     out["errors"] = check_errors(rank, 4, None)
     # A plain ProcessGroup passed explicitly: the default (world) group.
     out["tp4_world_group"] = {c.name: run_case(c, rank, 4, tp_group=dist.group.WORLD) for c in CASES[:2]}
@@ -228,7 +238,7 @@ def _worker_world4() -> dict:
     os.environ["ERPO_NATIVE"] = "0"
     out["tp2_torch"] = {"g_rank": tp_rank, "data_seed": dp_rank,
                         "cases": {c.name: run_case(c, tp_rank, 2, data_seed=dp_rank) for c in CASES}}
-    os.environ.pop("ERPO_NATIVE")
+    _restore_env("ERPO_NATIVE", mode)
     out["tp2_errors"] = check_errors(tp_rank, 2, None)
     # Plain new_group()s over non-adjacent ranks, passed explicitly.
     groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -477,6 +487,21 @@ def test_inplace_gradient_is_ignored_for_logits_that_are_not_a_view(kernel_path)
     (log_p.gather(-1, targets[..., None]).sum() - (log_p.exp() * log_p).sum()).backward()
     torch.testing.assert_close(leaf.grad[:, :3].double(), ref.grad, rtol=1e-5, atol=5e-6)
     assert torch.all(leaf.grad[:, 3] == 0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_native_rows_split_over_threads_match_the_reference(inplace, monkeypatch):
+    """Rows go to 3 threads (uneven ranges) even at this small size: same values as the reference."""
+    _require_native()
+    monkeypatch.setattr(vocab_parallel, "_NATIVE_MIN_ROW_ELEMENTS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        case = Case("threads", (5, 7), 96, temperature=0.8, entropy_grad=True, masked=True, neg_inf=True, seed=16,
+                    inplace=inplace)
+        check_against_reference(case, [run_case(case, rank=0, world=1)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_no_softmax_is_kept_without_grad():
