@@ -127,17 +127,45 @@ static inline float block_max(const float *blk, int64_t full) {
     return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
+/* 2^k for k <= 0: n = round(k), 2^(k - n) by a degree-6 fit on [-1/2, 1/2] (rel. error 3e-9 before
+ * fp32 rounding), scaled by 2^n. k below -160 gives 0; NaN stays NaN. Fewer operations than exp512:
+ * the forward's hot loop is compute-bound, with the scale log2(e) / T folded into one multiply. */
+static inline __m512 exp2_512(__m512 k) {
+    k = _mm512_max_ps(_mm512_set1_ps(-160.0f), k); /* NaN k stays NaN (max returns its 2nd operand) */
+    const __m512 n = _mm512_roundscale_ps(k, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(k, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.546973217e-04f), f, _mm512_set1_ps(1.340043265e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618025273e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327152e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265072e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 static inline void block_sums(const float *blk, int64_t full, float m, float inv_t, double *bs, double *bsd) {
     const __m512 vm = _mm512_set1_ps(m), vt = _mm512_set1_ps(inv_t);
+    const __m512 vc = _mm512_set1_ps((float)(1.44269504088896341 * (double)inv_t));
+    const __m512 dmin = _mm512_set1_ps(-3.0e38f); /* -inf entries (e = 0) add 0 * dmin = 0 */
     __m512 s[UNROLL], d[UNROLL];
     for (int u = 0; u < UNROLL; ++u) s[u] = d[u] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < full; j += LANES * UNROLL) {
-        for (int u = 0; u < UNROLL; ++u) {
-            const __m512 dd = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(blk + j + u * LANES), vm), vt);
-            __mmask16 tiny;
-            const __m512 e = exp512(dd, &tiny);
-            s[u] = _mm512_add_ps(s[u], e);
-            d[u] = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps((__mmask16)~tiny, dd), d[u]); /* -inf adds 0 */
+    if (inv_t == 1.0f) {
+        for (int64_t j = 0; j < full; j += LANES * UNROLL) {
+            for (int u = 0; u < UNROLL; ++u) {
+                const __m512 t = _mm512_sub_ps(_mm512_loadu_ps(blk + j + u * LANES), vm);
+                const __m512 e = exp2_512(_mm512_mul_ps(t, vc));
+                s[u] = _mm512_add_ps(s[u], e);
+                d[u] = _mm512_fmadd_ps(e, _mm512_max_ps(dmin, t), d[u]);
+            }
+        }
+    } else {
+        for (int64_t j = 0; j < full; j += LANES * UNROLL) {
+            for (int u = 0; u < UNROLL; ++u) {
+                const __m512 t = _mm512_sub_ps(_mm512_loadu_ps(blk + j + u * LANES), vm);
+                const __m512 e = exp2_512(_mm512_mul_ps(t, vc));
+                s[u] = _mm512_add_ps(s[u], e);
+                d[u] = _mm512_fmadd_ps(e, _mm512_max_ps(dmin, _mm512_mul_ps(t, vt)), d[u]);
+            }
         }
     }
     const __m512 st = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
@@ -154,16 +182,41 @@ static inline void block_sums(const float *blk, int64_t full, float m, float inv
     *bsd = b;
 }
 
-static inline void grad_full(const float *xr, float *gr, int64_t full, float m, float inv_t, float off, float a,
-                             float b, float dfloor) {
-    const __m512 vm = _mm512_set1_ps(m), vt = _mm512_set1_ps(inv_t), vo = _mm512_set1_ps(off);
-    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vfl = _mm512_set1_ps(dfloor);
-    for (int64_t j = 0; j < full; j += LANES) {
-        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + j), vm), vt);
-        d = _mm512_max_ps(vfl, d); /* -inf -> floor, NaN stays */
-        const __m512 e = exp512(_mm512_add_ps(d, vo), 0);
-        _mm512_storeu_ps(gr + j, _mm512_mul_ps(e, _mm512_fmadd_ps(vb, d, va)));
+/* One gradient vector: 2^((x - m) c + off') (a + b' (x - m)) with x - m floored at `fl`. */
+static inline __m512 grad16(const float *x, __m512 vm, __m512 vc, __m512 vo, __m512 va, __m512 vb, __m512 vfl) {
+    const __m512 t = _mm512_max_ps(vfl, _mm512_sub_ps(_mm512_loadu_ps(x), vm)); /* -inf -> floor, NaN stays */
+    return _mm512_mul_ps(exp2_512(_mm512_fmadd_ps(t, vc, vo)), _mm512_fmadd_ps(vb, t, va));
+}
+
+/* Gradient of one row's first `full` entries, `at` added at column `target` when it lies among them.
+ * Returns whether it did. */
+static inline int grad_full(const float *xr, float *gr, int64_t full, float m, float inv_t, float off, float a,
+                            float b, float dfloor, int64_t target, float at) {
+    /* g = 2^((x - m) c + off log2 e) (a + b' (x - m)), c = log2(e) / T, b' = b / T; x - m is floored
+     * where (x - m) c = -160 (2^k is exactly 0 there, off <= 0), so -inf logits give 0, not 0 * inf. */
+    const double log2e = 1.44269504088896341, c = log2e * (double)inv_t;
+    const __m512 vm = _mm512_set1_ps(m), vc = _mm512_set1_ps((float)c);
+    const __m512 vo = _mm512_set1_ps((float)(log2e * (double)off)), va = _mm512_set1_ps(a);
+    const __m512 vb = _mm512_set1_ps(b * inv_t), vfl = _mm512_set1_ps((float)(-160.0 / c));
+    (void)dfloor;
+    const int64_t tj = target - target % LANES;
+    const __mmask16 tlane = (__mmask16)(1u << (target % LANES));
+    const __m512 vat = _mm512_set1_ps(at);
+    if ((const float *)gr != xr && ((uintptr_t)gr & 63) == 0) {
+        /* a separate output: streaming stores skip reading its lines first (1 read + 1 write) */
+        for (int64_t j = 0; j < full; j += LANES) {
+            __m512 g = grad16(xr + j, vm, vc, vo, va, vb, vfl);
+            if (j == tj) g = _mm512_mask_add_ps(g, tlane, g, vat);
+            _mm512_stream_ps(gr + j, g);
+        }
+    } else { /* in place (the lines are in cache from the load) or unaligned */
+        for (int64_t j = 0; j < full; j += LANES) {
+            __m512 g = grad16(xr + j, vm, vc, vo, va, vb, vfl);
+            if (j == tj) g = _mm512_mask_add_ps(g, tlane, g, vat);
+            _mm512_storeu_ps(gr + j, g);
+        }
     }
+    return target < full;
 }
 #else
 static inline float block_max(const float *blk, int64_t full) {
@@ -198,14 +251,17 @@ static inline void block_sums(const float *blk, int64_t full, float m, float inv
     *bsd = vsum_lanes((d[0] + d[1]) + (d[2] + d[3]));
 }
 
-static inline void grad_full(const float *xr, float *gr, int64_t full, float m, float inv_t, float off, float a,
-                             float b, float dfloor) {
+static inline int grad_full(const float *xr, float *gr, int64_t full, float m, float inv_t, float off, float a,
+                            float b, float dfloor, int64_t target, float at) {
+    (void)target;
+    (void)at;
     const vf vm = splat(m), vt = splat(inv_t), vo = splat(off), va = splat(a), vb = splat(b), vfl = splat(dfloor);
     for (int64_t j = 0; j < full; j += LANES) {
         vf d = (loadu(xr + j) - vm) * vt;
         d = vselect(d < vfl, vfl, d);
         storeu(gr + j, vexp(d + vo) * (va + vb * d));
     }
+    return 0; /* the caller adds `at` */
 }
 #endif
 
@@ -270,15 +326,19 @@ void erpo_lpe_backward(const float *x, float *g, int64_t n, int64_t vs, int64_t 
         const float *xr = x + i * ldx;
         float *gr = g + i * ldg;
         const int64_t full = vs - vs % LANES;
-        grad_full(xr, gr, full, row_max[i], inv_t, off[i], a[i], b ? b[i] : 0.0f, dfloor);
+        const int added = grad_full(xr, gr, full, row_max[i], inv_t, off[i], a[i], b ? b[i] : 0.0f, dfloor,
+                                    target[i], at[i]);
         const float bi = b ? b[i] : 0.0f;
         for (int64_t j = full; j < vs; ++j) {
             float d = (xr[j] - row_max[i]) * inv_t;
             d = d < dfloor ? dfloor : d;
             gr[j] = sexp(d + off[i]) * (a[i] + bi * d);
         }
-        gr[target[i]] += at[i];
+        if (!added) gr[target[i]] += at[i];
     }
+#if defined(__AVX512F__)
+    _mm_sfence(); /* order the streaming stores before the caller reads the gradient */
+#endif
 }
 
 /* Ask for transparent huge pages on the 2 MiB-aligned interior of a fresh, untouched buffer (the
