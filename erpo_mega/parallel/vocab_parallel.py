@@ -330,9 +330,11 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         local_t, own, act = (_flat_tokens(t, order) for t in (local_targets, owned, active))
         n, vs = flat.shape
         lib = _native_for(flat)
-        # In place only where `flat` is the logits' own storage (not a reshape copy).
+        # In place only where `flat` is the logits' own storage (not a reshape copy) and its rows do
+        # not overlap (an expanded tensor would have several rows write one address).
         inplace = (inplace_grad and ctx.needs_input_grad[0]
-                   and flat.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr())
+                   and flat.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+                   and (vs <= 1 or flat.stride(1) >= 1) and (n <= 1 or flat.stride(0) >= vs * flat.stride(1)))
         # Torch path: keep p_local for backward when it is within the byte budget and can become the
         # gradient itself (fp32 logits): no second exp sweep in backward, no extra peak memory.
         # The native kernels recompute instead (3 passes, not 4), as does the in-place mode.
@@ -497,7 +499,8 @@ def logprob_and_entropy(
             temporary nobody reads after this call: after backward they hold the gradient. Their
             version counter is bumped, so another autograd node that saved them fails loudly
             instead of reading the gradient; a second backward through this call fails the same
-            way. Ignored where the logits cannot be viewed as `[tokens, V/TP]` (a copy is made).
+            way. Ignored where the logits cannot be viewed as `[tokens, V/TP]` (a copy is made) or
+            their rows overlap (an expanded tensor).
 
     Returns:
         `(logp, entropy)`, both fp32 with `target_ids`' shape.

@@ -504,6 +504,21 @@ def test_native_rows_split_over_threads_match_the_reference(inplace, monkeypatch
         torch.set_num_threads(threads)
 
 
+def test_inplace_gradient_is_ignored_for_expanded_logits(kernel_path):
+    """Rows of an expanded tensor share memory: writing each row's gradient there would be garbage."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(1, 40, generator=g)
+    targets = torch.randint(0, 40, (5,), generator=g)
+    leaf = base.clone().requires_grad_()
+    logp, entropy = logprob_and_entropy(leaf.expand(5, 40), targets, entropy_grad=True, inplace_grad=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(leaf.detach(), base)
+    ref = base.double().requires_grad_()
+    log_p = torch.log_softmax(ref.expand(5, 40), -1)
+    (log_p.gather(-1, targets[:, None]).sum() - (log_p.exp() * log_p).sum()).backward()
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=5e-6)
+
+
 def test_no_softmax_is_kept_without_grad():
     logits = torch.randn(512, 64)
     with _live_storage_bytes_mode() as mode:
