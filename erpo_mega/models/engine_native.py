@@ -42,7 +42,7 @@ class EngineKernels:
         self.lib = lib
         lib.ek_rmsnorm.argtypes = [_P, _P, _P, _I, _I, _F]
         lib.ek_silu_mul.argtypes = [_P, _P, _I, _I]
-        lib.ek_decode_attention.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _F, _P, _P]
+        lib.ek_decode_attention.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _F, _P, _P]
         lib.ek_sample.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
         for f in (lib.ek_rmsnorm, lib.ek_silu_mul, lib.ek_decode_attention, lib.ek_sample):
             f.restype = None
@@ -86,20 +86,25 @@ class EngineKernels:
     def decode_attention(self, qkv: torch.Tensor, num_heads: int, num_kv: int, head_dim: int,
                          cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-        """One new token per row b: rope q/k at pos[b], write k/v into cache slot b at pos[b], attend
-        over the slot's keys [0, pos[b]]. qkv [B, (H + 2 Hkv) D]; caches [slots, Hkv, cap, D];
-        cos/sin tables [positions, D]; pos int64 [B]. Returns [B, H * D]."""
+                         out: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row b: rope q/k at pos[b], write k/v into cache slot b (or slots[b]) at
+        pos[b], attend over the slot's keys [0, pos[b]]; rows run in order (a prompt's tokens in
+        increasing positions see each other). qkv [B, (H + 2 Hkv) D]; caches [slots, Hkv, cap, D];
+        cos/sin tables [positions, D]; pos (and slots) int64 [B]. Returns [B, H * D]."""
         for name, t in (("qkv", qkv), ("cos_table", cos_table), ("sin_table", sin_table),
                         ("k_cache", k_cache), ("v_cache", v_cache)):
             _check(name, t)
         _check("pos", pos, torch.int64)
         b = qkv.shape[0]
-        slots, nkv, cap, d = k_cache.shape
+        slots_n, nkv, cap, d = k_cache.shape
         if head_dim > MAX_HEAD_DIM or head_dim % 2 or num_heads % num_kv:
             raise ValueError(f"decode_attention: head_dim {head_dim} (even, <= {MAX_HEAD_DIM}) and "
                              f"{num_heads} heads over {num_kv} kv heads not supported")
-        if (nkv, d) != (num_kv, head_dim) or v_cache.shape != k_cache.shape or b > slots:
+        if slots is not None:
+            _check("slots", slots, torch.int64)
+            if slots.shape != (b,) or (b and (int(slots.min()) < 0 or int(slots.max()) >= k_cache.shape[0])):
+                raise ValueError(f"decode_attention: slots must be {b} indices into {k_cache.shape[0]} cache slots")
+        if (nkv, d) != (num_kv, head_dim) or v_cache.shape != k_cache.shape or (slots is None and b > slots_n):
             raise ValueError(f"decode_attention: cache {tuple(k_cache.shape)} does not fit {b} rows of "
                              f"{num_kv} kv heads x {head_dim}")
         if tuple(qkv.shape) != (b, (num_heads + 2 * num_kv) * head_dim) or pos.shape != (b,):
@@ -114,7 +119,8 @@ class EngineKernels:
         _check("out", out)
         scratch = self.scratch((num_heads // num_kv) * (top + 1))
         self.lib.ek_decode_attention(_ptr(qkv), b, num_heads, num_kv, head_dim, _ptr(cos_table),
-                                     _ptr(sin_table), _ptr(pos), _ptr(k_cache), _ptr(v_cache), cap,
+                                     _ptr(sin_table), _ptr(pos), None if slots is None else _ptr(slots),
+                                     _ptr(k_cache), _ptr(v_cache), cap,
                                      scale, _ptr(out), _ptr(scratch))
         return out
 

@@ -479,13 +479,26 @@ class TorchLLM(nn.Module):
         hidden states [B, S, H] (normed). The caller applies `lm_head` only where it needs logits.
         With `row_workers`, parts of the prompts run on the workers' threads.
         """
-        b = input_ids.shape[0]
+        b, s = input_ids.shape
+        ek = self._native_kernels() if input_ids.device.type == "cpu" else None
+        if ek is not None:
+            self._rope(lengths[:1])  # build the table before any worker reads it
+            self._check_native_step(cache, s)
+            lins = self._decode_linears()
+            input_ids, lengths, slots = input_ids.cpu(), lengths.cpu().long(), slots.cpu().long()
+            fn = lambda r0, r1: self._prefill_native(ek, lins, input_ids[r0:r1], lengths[r0:r1],  # noqa: E731
+                                                     cache, slots[r0:r1])
+        else:
+            fn = lambda r0, r1: self._prefill_slots(input_ids[r0:r1], lengths[r0:r1], cache,  # noqa: E731
+                                                    slots[r0:r1])
         if self.row_workers is not None and b >= 2 * RowWorkers.MIN_ROWS:
-            self._rope(lengths[:1])  # build the table before the workers read it
-            parts = self.row_workers.run(lambda r0, r1: self._prefill_slots(
-                input_ids[r0:r1], lengths[r0:r1], cache, slots[r0:r1]), b)
-            return torch.cat(parts)
-        return self._prefill_slots(input_ids, lengths, cache, slots)
+            self._rope(lengths[:1])
+            out = torch.cat(self.row_workers.run(fn, b))
+        else:
+            out = fn(0, b)
+        if ek is not None:
+            cache.lens[slots] = lengths
+        return out
 
     def _prefill_slots(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache,
                        slots: torch.Tensor) -> torch.Tensor:
@@ -568,22 +581,30 @@ class TorchLLM(nn.Module):
         return lins
 
     def _decode_native(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int):
-        """Logits [r1 - r0, V] for slots [r0, r1): one C kernel per norm / attention / SiLU and one
-        GEMM per (fused) projection, residual adds fused into the GEMMs; no masks, gathers or
-        per-step temporaries beyond the GEMM outputs. Does not advance `cache.lens`.
+        """Logits [r1 - r0, V] for slots [r0, r1) (`_native_rows` over one token per slot). Does
+        not advance `cache.lens`."""
+        h = self._native_rows(ek, lins, tokens, cache, cache.lens.data_ptr() + 8 * r0, None,
+                              r0 * cache.k[0][0].numel() * 4)
+        return lins[-1](h)
+
+    def _native_rows(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, pos_p: int,
+                     slots: torch.Tensor | None, kv_offset: int) -> torch.Tensor:
+        """The final normed hidden states [n, H] of n token rows (token b at position *pos_p[b] of
+        slot slots[b], or of slot b past `kv_offset` bytes): one C kernel per norm / attention /
+        SiLU and one GEMM per (fused) projection, residual adds fused into the GEMMs; no masks,
+        gathers or per-step temporaries beyond the GEMM outputs.
 
         Calls the C entry points directly (this runs once per layer and step, where wrapper
-        checks would cost more than the kernels): `decode_slots_rows` validated the shapes,
-        and every buffer here is a fresh contiguous fp32 tensor or a cache/parameter checked there.
+        checks would cost more than the kernels): `_check_native_step` validated the cache and
+        weights, every other buffer is a fresh contiguous fp32 tensor made here.
         """
         lib = ek.lib
         cfg = self.config
-        n, hid = r1 - r0, cfg.hidden_size
+        n, hid = tokens.shape[0], cfg.hidden_size
         nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
         cap = cache.capacity
-        slot_bytes = nkv * cap * d * 4
         cos_t, sin_t = self._rope_table
-        pos_p = cache.lens.data_ptr() + 8 * r0
+        slot_p = None if slots is None else slots.data_ptr()
         scratch = ek.scratch((nh // nkv) * cap).data_ptr()
         scale = d ** -0.5
         x = self.model.embed_tokens(tokens)
@@ -595,8 +616,8 @@ class TorchLLM(nn.Module):
             lib.ek_rmsnorm(x.data_ptr(), layer.input_layernorm.weight.data_ptr(), h.data_ptr(), n, hid,
                            layer.input_layernorm.eps)
             qkv = qkv_l(h)
-            lib.ek_decode_attention(qkv.data_ptr(), n, nh, nkv, d, cos_t.data_ptr(), sin_t.data_ptr(), pos_p,
-                                    cache.k[i].data_ptr() + r0 * slot_bytes, cache.v[i].data_ptr() + r0 * slot_bytes,
+            lib.ek_decode_attention(qkv.data_ptr(), n, nh, nkv, d, cos_t.data_ptr(), sin_t.data_ptr(), pos_p, slot_p,
+                                    cache.k[i].data_ptr() + kv_offset, cache.v[i].data_ptr() + kv_offset,
                                     cap, scale, att.data_ptr(), scratch)
             x = o_l.add_to(att, x)
             lib.ek_rmsnorm(x.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), h.data_ptr(), n, hid,
@@ -607,7 +628,20 @@ class TorchLLM(nn.Module):
             lib.ek_silu_mul(gu.data_ptr(), act.data_ptr(), n, act.shape[1])
             x = down_l.add_to(act, x)
         lib.ek_rmsnorm(x.data_ptr(), self.model.norm.weight.data_ptr(), h.data_ptr(), n, hid, self.model.norm.eps)
-        return lins[-1](h)
+        return h
+
+    def _prefill_native(self, ek, lins: list, input_ids: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache,
+                        slots: torch.Tensor) -> torch.Tensor:
+        """`_prefill_slots` on the native rows: the prompts' real tokens as one flat batch (token
+        rows in increasing positions per prompt, so each attends to its prompt's earlier keys)."""
+        b, s = input_ids.shape
+        valid = torch.arange(s)[None, :] < lengths[:, None]
+        pos = torch.arange(s).expand(b, s)[valid].contiguous()
+        slot_rows = slots[:, None].expand(b, s)[valid].contiguous()
+        flat = self._native_rows(ek, lins, input_ids[valid], cache, pos.data_ptr(), slot_rows, 0)
+        out = flat.new_zeros(b, s, flat.shape[1])
+        out[valid] = flat
+        return out
 
     def _check_native_step(self, cache: SlotKVCache, width: int) -> None:
         """What `_decode_native` relies on, checked once per step (C trusts its pointers)."""

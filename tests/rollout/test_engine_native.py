@@ -187,3 +187,24 @@ def test_unsupported_inputs_are_clear_errors(ek):
         ek.rmsnorm(x.t(), torch.ones(4), 1e-6)
     with pytest.raises(ValueError, match="uniforms"):
         ek.sample(x, torch.ones(4), torch.zeros(4, dtype=torch.uint8), torch.zeros(4))
+
+
+def test_native_prefill_equals_torch_prefill(ek, model, monkeypatch):
+    """Prompts as flat token rows (slot per row) give the torch path's hidden states and cache."""
+    ids = torch.tensor([[5, 17, 33, 8, 0, 0], [9, 4, 4, 4, 4, 4], [60, 61, 0, 0, 0, 0]])
+    lengths, slots = torch.tensor([4, 6, 2]), torch.tensor([2, 0, 1])
+    out = {}
+    for mode in ("torch", "native"):
+        monkeypatch.setenv("ERPO_NATIVE", "0" if mode == "torch" else "1")
+        cache = model.new_slot_cache(4, 16)
+        cache.active = 3
+        with torch.no_grad():
+            out[mode] = model.prefill_slots(ids, lengths, cache, slots), cache
+    valid = torch.arange(6)[None] < lengths[:, None]
+    torch.testing.assert_close(out["native"][0][valid], out["torch"][0][valid], atol=1e-5, rtol=1e-5)
+    (_, a), (_, b) = out["native"], out["torch"]
+    assert a.lens.tolist() == b.lens.tolist() == [6, 2, 4, 0]
+    for ka, kb, va, vb in zip(a.k, b.k, a.v, b.v):
+        for slot, n in ((0, 6), (1, 2), (2, 4)):
+            torch.testing.assert_close(ka[slot, :, :n], kb[slot, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(va[slot, :, :n], vb[slot, :, :n], atol=1e-5, rtol=1e-5)

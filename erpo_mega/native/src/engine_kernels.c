@@ -124,12 +124,14 @@ rope(const float *restrict x, const float *restrict c, const float *restrict s, 
  * Rope q and k at position pos[b] (cos/sin tables: [positions, d]), write k and v into the slot
  * cache at [b, kv head, pos[b]] (cache: [slots, nkv, cap, d]), then attend each query head over
  * its kv head's keys [0, pos[b]] (causal, own token included): out[b] = [nh * d].
+ * Row b uses cache slot slot[b] (slot == NULL: slot b). Rows run in order, so a prompt's tokens
+ * given in increasing positions (the native prefill) attend to the keys written by earlier rows.
  * The query heads sharing a kv head are handled together, so each cached key and value is read
  * once per kv head. scratch: at least nh / nkv * (pos max + 1) floats. */
 static inline __attribute__((always_inline)) void
 decode_attention_d(const float *restrict qkv, int64_t B, int64_t nh, int64_t nkv, const int64_t d,
                    const float *restrict cos_t, const float *restrict sin_t, const int64_t *restrict pos,
-                   float *restrict kc, float *restrict vc, int64_t cap, float scale, float *restrict out,
+                   const int64_t *restrict slot, float *restrict kc, float *restrict vc, int64_t cap, float scale, float *restrict out,
                    float *restrict scratch) {
     int64_t width = (nh + 2 * nkv) * d, groups = nh / nkv;
     float q[EK_MAX_D];
@@ -137,7 +139,8 @@ decode_attention_d(const float *restrict qkv, int64_t B, int64_t nh, int64_t nkv
         int64_t p = pos[b], n = p + 1;
         const float *row = qkv + b * width, *c = cos_t + p * d, *s = sin_t + p * d;
         for (int64_t g = 0; g < nkv; g++) {
-            float *kbase = kc + ((b * nkv + g) * cap) * d, *vbase = vc + ((b * nkv + g) * cap) * d;
+            int64_t sb = slot ? slot[b] : b;
+            float *kbase = kc + ((sb * nkv + g) * cap) * d, *vbase = vc + ((sb * nkv + g) * cap) * d;
             rope(row + (nh + g) * d, c, s, kbase + p * d, d);
             memcpy(vbase + p * d, row + (nh + nkv + g) * d, (size_t)d * sizeof(float));
             for (int64_t j = 0; j < groups; j++) {
@@ -169,14 +172,14 @@ decode_attention_d(const float *restrict qkv, int64_t B, int64_t nh, int64_t nkv
 }
 
 void ek_decode_attention(const float *qkv, int64_t B, int64_t nh, int64_t nkv, int64_t d,
-                         const float *cos_t, const float *sin_t, const int64_t *pos,
+                         const float *cos_t, const float *sin_t, const int64_t *pos, const int64_t *slot,
                          float *kc, float *vc, int64_t cap, float scale, float *out, float *scratch) {
     /* constant head sizes let the compiler unroll the per-head loops */
     switch (d) {
-    case 32: decode_attention_d(qkv, B, nh, nkv, 32, cos_t, sin_t, pos, kc, vc, cap, scale, out, scratch); break;
-    case 64: decode_attention_d(qkv, B, nh, nkv, 64, cos_t, sin_t, pos, kc, vc, cap, scale, out, scratch); break;
-    case 128: decode_attention_d(qkv, B, nh, nkv, 128, cos_t, sin_t, pos, kc, vc, cap, scale, out, scratch); break;
-    default: decode_attention_d(qkv, B, nh, nkv, d, cos_t, sin_t, pos, kc, vc, cap, scale, out, scratch);
+    case 32: decode_attention_d(qkv, B, nh, nkv, 32, cos_t, sin_t, pos, slot, kc, vc, cap, scale, out, scratch); break;
+    case 64: decode_attention_d(qkv, B, nh, nkv, 64, cos_t, sin_t, pos, slot, kc, vc, cap, scale, out, scratch); break;
+    case 128: decode_attention_d(qkv, B, nh, nkv, 128, cos_t, sin_t, pos, slot, kc, vc, cap, scale, out, scratch); break;
+    default: decode_attention_d(qkv, B, nh, nkv, d, cos_t, sin_t, pos, slot, kc, vc, cap, scale, out, scratch);
     }
 }
 

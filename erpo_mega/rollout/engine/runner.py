@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from erpo_mega.models import engine_native
 from erpo_mega.models.torch_llm import SlotKVCache, TorchLLM
-from erpo_mega.rollout.engine.sampling import sample_batch
+from erpo_mega.rollout.engine.sampling import _has_penalty, _truncates, return_original_logprob, sample_batch
 from erpo_mega.rollout.protocol import SamplingParams
 
 _UNIFORM_CHUNK = 64
@@ -55,6 +56,15 @@ class Sequence:
             self._uniforms = torch.rand(_UNIFORM_CHUNK, generator=self.generator, dtype=torch.float64).tolist()
             self._uniforms.reverse()
         return self._uniforms.pop()
+
+    def plain_sampling(self) -> bool:
+        """No logit edits (bias, penalties, bans now) and no top-k/top-p/min-p: the next token is
+        a plain temperature draw (or argmax), which the native sampler does for the whole batch."""
+        static = self.__dict__.get("_plain")
+        if static is None:
+            sp = self.params
+            static = self._plain = not sp.logit_bias and not _has_penalty(sp) and (sp.greedy or not _truncates(sp))
+        return static and (not self.stop_ids or len(self.output_ids) >= self.params.min_new_tokens)
 
     def banned(self) -> list[int]:
         """min_new_tokens: stop tokens may not be drawn before that many tokens exist."""
@@ -153,6 +163,20 @@ class BatchRunner:
         device = self.model.lm_head.weight.device
         seqs = self.seqs
         tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=device)
+        ek = engine_native.kernels() if device.type == "cpu" and not return_original_logprob() else None
+        if ek is not None and all(s.plain_sampling() for s in seqs):
+            # the per-row sampling arguments once, as tensors; each row part samples in place
+            greedy = [s.params.greedy for s in seqs]
+            temps = torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)])
+            u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(greedy, seqs)], dtype=torch.float64)
+            flags = torch.tensor(greedy, dtype=torch.uint8)
+            parts = self.model.decode_slots_rows(tokens, self.cache, lambda logits, r0, r1: ek.sample(
+                logits.float().contiguous(), temps[r0:r1], flags[r0:r1], u[r0:r1]))
+            drawn = torch.cat([p[0] for p in parts])
+            if bool((drawn < 0).any()):
+                raise RuntimeError("decode step produced no finite logit for a sequence (NaN or -inf logits)")
+            self._apply(seqs, drawn.tolist(), torch.cat([p[1] for p in parts]).tolist())
+            return self._collect()
         args = self._sampling_args(seqs)
 
         def head(logits: torch.Tensor, r0: int, r1: int):  # runs where rows [r0, r1) were computed
@@ -189,8 +213,10 @@ class BatchRunner:
         for s, t, lp in zip(seqs, tokens, lps):
             s.output_ids.append(t)
             s.output_logprobs.append(lp)
-            s.check_stop(t)
-            s.check_abort()
+            # the full checks only where one can fire (this loop runs per token and sequence)
+            if t in s.stop_ids or s.stop_strings or len(s.output_ids) >= s.max_new_tokens or s.abort.is_set():
+                s.check_stop(t)
+                s.check_abort()
 
     def _collect(self) -> list[Sequence]:
         finished = [i for i, s in enumerate(self.seqs) if s.finish_reason is not None]
