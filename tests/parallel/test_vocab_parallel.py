@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from erpo_mega.native import native_status
+from erpo_mega.native import native_mode, native_status
 from erpo_mega.parallel import vocab_parallel
 from erpo_mega.parallel.spawn import run_distributed
 from erpo_mega.parallel.vocab_parallel import _native_kernels, default_chunk_size, logprob_and_entropy
@@ -276,10 +276,11 @@ def kernel_path(request, monkeypatch):
 
 
 def _require_native() -> None:
-    """Skip without a C compiler; any other reason the kernels are missing (a build error) fails."""
+    """Skip without a C compiler or with ERPO_NATIVE=0; any other reason the kernels are missing (a
+    build error) fails."""
     if _native_kernels() is None:
         status = native_status("logprob_entropy")
-        if "no C compiler" in status:
+        if "no C compiler" in status or native_mode() == "off":
             pytest.skip(f"native kernel unavailable: {status}")
         pytest.fail(f"native kernel unavailable: {status}")
 
