@@ -13,6 +13,7 @@ checked here (dtype, device, contiguity, shapes) because C trusts its pointers.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 import torch
@@ -44,8 +45,10 @@ class EngineKernels:
         lib.ek_silu_mul.argtypes = [_P, _P, _I, _I]
         lib.ek_decode_attention.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _F, _P, _P]
         lib.ek_sample.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
-        for f in (lib.ek_rmsnorm, lib.ek_silu_mul, lib.ek_decode_attention, lib.ek_sample):
+        lib.ek_decode_step.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I, _P, _P]
+        for f in (lib.ek_rmsnorm, lib.ek_silu_mul, lib.ek_decode_attention, lib.ek_sample, lib.ek_decode_step):
             f.restype = None
+        self.sgemm = blas_sgemm_address()
         self._local = threading.local()
 
     def scratch(self, n: int) -> torch.Tensor:
@@ -142,6 +145,19 @@ class EngineKernels:
         self.lib.ek_sample(_ptr(logits), b, v, _ptr(temps), _ptr(greedy), _ptr(uniforms), _ptr(tokens),
                            _ptr(lps), _ptr(scratch))
         return tokens, lps
+
+
+def blas_sgemm_address() -> int | None:
+    """Address of the Fortran-ABI `sgemm_` in torch's CPU library (its bundled MKL), or None.
+
+    `ek_decode_step` runs its GEMMs through it, so they are the same BLAS calls torch's linear
+    layers make; builds without an exported `sgemm_` use the per-op path instead.
+    """
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 _wrapped: dict[int, EngineKernels] = {}

@@ -425,6 +425,7 @@ class TorchLLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.row_workers: RowWorkers | None = None  # set by Engine.use_row_threads
+        self.fused_step: bool | None = None         # None: auto (see _use_fused_step)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -560,8 +561,11 @@ class TorchLLM(nn.Module):
         if width > cache.capacity:
             raise ValueError(f"KV cache overflow: {width} slots needed, capacity {cache.capacity}")
         self._rope(cache.lens[:1])  # builds the table once, before any worker reads it
-        self._check_native_step(cache, width)
         lins = self._decode_linears()
+        checked = (self._lins_serial, self._cache_key(cache))
+        if self.__dict__.get("_native_checked") != checked:  # cache/weights changed since the last check
+            self._check_native_step(cache, cache.capacity)
+            self.__dict__["_native_checked"] = checked
 
         def part(r0: int, r1: int):
             return head(self._decode_native(ek, lins, tokens[r0:r1], cache, r0, r1), r0, r1)
@@ -571,7 +575,22 @@ class TorchLLM(nn.Module):
         return out
 
     def _decode_linears(self) -> list:
-        """Per layer (qkv, o, gate_up, down) prepared for the native step, then lm_head (cached)."""
+        """Per layer (qkv, o, gate_up, down) prepared for the native step, then lm_head.
+
+        Cached as a whole, keyed by every parameter's storage and version counter (what
+        `_decode_linear` keys each layer by), so a step pays one pass over the parameters.
+        """
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = self.__dict__.get("_decode_lins")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        lins = self._build_decode_linears()
+        # a serial number (not id(), which a new list may reuse) keys what was derived from lins
+        self._lins_serial = getattr(self, "_lins_serial", 0) + 1
+        self.__dict__["_decode_lins"] = (key, lins)
+        return lins
+
+    def _build_decode_linears(self) -> list:
         lins: list = []
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -581,11 +600,68 @@ class TorchLLM(nn.Module):
         return lins
 
     def _decode_native(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int):
-        """Logits [r1 - r0, V] for slots [r0, r1) (`_native_rows` over one token per slot). Does
-        not advance `cache.lens`."""
+        """Logits [r1 - r0, V] for slots [r0, r1) (`_native_rows` over one token per slot, or the
+        whole step in one C call: `_decode_fused`). Does not advance `cache.lens`."""
+        if self._use_fused_step(ek, lins):
+            return self._decode_fused(ek, lins, tokens, cache, r0, r1)
         h = self._native_rows(ek, lins, tokens, cache, cache.lens.data_ptr() + 8 * r0, None,
                               r0 * cache.k[0][0].numel() * 4)
         return lins[-1](h)
+
+    def _use_fused_step(self, ek, lins: list) -> bool:
+        """`fused_step` True/False forces it; None (default): when BLAS is reachable from C and no
+        layer is large enough for the prepacked oneDNN GEMMs (small models, where per-op
+        overhead matters; at the mid size those GEMMs are worth more than the saved overhead)."""
+        if ek.sgemm is None or self.fused_step is False:
+            return False
+        return bool(self.fused_step) or all(lin.packed is None for layer in lins[:-1] for lin in layer) \
+            and lins[-1].packed is None
+
+    def _decode_fused(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int):
+        """The decode step of slots [r0, r1) as one `ek_decode_step` call (GIL released throughout)."""
+        cfg = self.config
+        n = r1 - r0
+        hid, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
+        inter, vocab = cfg.intermediate_size, lins[-1].w.shape[0]
+        if tokens.dtype != torch.int64 or not tokens.is_contiguous() or (n and int(tokens.max()) >= vocab) \
+                or (n and int(tokens.min()) < 0):
+            raise ValueError(f"decode tokens must be int64 ids in [0, {vocab})")
+        key = (self._lins_serial, self._cache_key(cache), r0)
+        tables = self.__dict__.setdefault("_fused_tables", {})
+        if key not in tables:
+            if len(tables) > 64:
+                tables.clear()
+            tables[key] = self._fused_tables_for(lins, cache, r0)
+        dims, lw_t, kc, vc = tables[key]
+        work = torch.empty(n * (2 * hid + (nh + 2 * nkv) * d + nh * d + 3 * inter) + (nh // nkv) * cache.capacity)
+        logits = torch.empty(n, vocab)
+        cos_t, sin_t = self._rope_table
+        ek.lib.ek_decode_step(ek.sgemm, n, dims.data_ptr(), tokens.data_ptr(), self.model.embed_tokens.weight.data_ptr(),
+                              lw_t.data_ptr(), self.model.norm.weight.data_ptr(), lins[-1].w.data_ptr(),
+                              self.model.norm.eps, cos_t.data_ptr(), sin_t.data_ptr(),
+                              cache.lens.data_ptr() + 8 * r0, kc.data_ptr(), vc.data_ptr(), cache.capacity,
+                              work.data_ptr(), logits.data_ptr())
+        return logits
+
+    @staticmethod
+    def _cache_key(cache: SlotKVCache) -> tuple:
+        """Identifies the cache's current tensors by address and shape (reallocation changes it)."""
+        return (cache.capacity, cache.slots, cache.lens.data_ptr(), *(t.data_ptr() for t in cache.k + cache.v))
+
+    def _fused_tables_for(self, lins: list, cache: SlotKVCache, r0: int) -> tuple:
+        """`ek_decode_step`'s dims, weight and cache address tables (they hold the addresses only
+        while `lins` and the cache tensors live: cached under their identities)."""
+        cfg = self.config
+        lw = []
+        for layer, (qkv, o, gu, down) in zip(self.model.layers, lins[:-1]):
+            lw += [layer.input_layernorm.weight.data_ptr(), qkv.w.data_ptr(), 0 if qkv.b is None else qkv.b.data_ptr(),
+                   o.w.data_ptr(), 0 if o.b is None else o.b.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                   gu.w.data_ptr(), down.w.data_ptr()]
+        off = r0 * cache.k[0][0].numel() * 4
+        dims = torch.tensor([cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels,
+                             cfg.intermediate_size, lins[-1].w.shape[0], len(self.model.layers)])
+        return (dims, torch.tensor(lw), torch.tensor([t.data_ptr() + off for t in cache.k]),
+                torch.tensor([t.data_ptr() + off for t in cache.v]))
 
     def _native_rows(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, pos_p: int,
                      slots: torch.Tensor | None, kv_offset: int) -> torch.Tensor:
@@ -657,6 +733,9 @@ class TorchLLM(nn.Module):
                 raise ValueError(f"KV cache: {t.dtype} {tuple(t.shape)}, expected fp32 [slots, {want}]")
         if cache.lens.dtype != torch.int64:
             raise ValueError("KV cache lengths must be int64")
+        for w in (self.model.embed_tokens.weight, self.model.norm.weight):
+            if not w.is_contiguous() or w.dtype != torch.float32:
+                raise ValueError("embedding and final norm weights must be contiguous fp32 for the native step")
         for layer in self.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 if not norm.weight.is_contiguous() or norm.weight.dtype != torch.float32:
@@ -698,6 +777,8 @@ class TorchLLM(nn.Module):
         for m in self.modules():
             m.__dict__.pop("_fused_cache", None)
             m.__dict__.pop("_decode_cache", None)
+        for name in ("_decode_lins", "_native_checked", "_fused_tables"):
+            self.__dict__.pop(name, None)
 
     def check_named_shapes(self, shapes: Iterable[tuple[str, tuple[int, ...]]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))

@@ -232,3 +232,67 @@ void ek_sample(const float *logits, int64_t B, int64_t V, const float *temp, con
         lp_out[b] = (sc[tok] - m) - logf(total);
     }
 }
+
+/* ---- a whole decode step in one call, for small models --------------------------------------
+ * Why: at the tiny model sizes an RL job on CPU uses, a step is ~30 small ops per row part; as
+ * separate Python calls their overhead (and, with row workers, the GIL handoffs between them)
+ * cost as much as the GEMMs. The GEMMs here call the BLAS `sgemm_` whose address the caller
+ * passes (torch's own MKL), so the numbers are those of torch's linear layers.
+ */
+typedef void (*ek_sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
+                           const float *, const int *, const float *, const int *, const float *, float *,
+                           const int *);
+
+/* y[m, n] = beta * y + x[m, k] @ w[n, k]^T (row-major; column-major sgemm on the transposes) */
+static void ek_linear(ek_sgemm_t gemm, const float *x, const float *w, float *y, int64_t m, int64_t n,
+                      int64_t k, float beta) {
+    const char tw = 'T', tx = 'N';
+    const float one = 1.0f;
+    int M = (int)n, N = (int)m, K = (int)k;
+    gemm(&tw, &tx, &M, &N, &K, &one, w, &K, x, &K, &beta, y, &M);
+}
+
+static void ek_rows_set_bias(float *y, const float *bias, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) memcpy(y + r * n, bias, (size_t)n * sizeof(float));
+}
+
+static void ek_rows_add_bias(float *y, const float *bias, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) y[r * n + i] += bias[i];
+}
+
+/* Logits [n, vocab] for n token rows (embedding -> layers -> final norm -> lm_head).
+ * dims: hidden, heads, kv heads, head dim, intermediate, vocab, layers.
+ * lw: per layer 8 addresses: input norm, qkv weight [(h + 2 kv) d, hidden], qkv bias (0: none),
+ *     o weight [hidden, h d], o bias (0: none), post norm, gate|up weight [2 inter, hidden],
+ *     down weight [hidden, inter].
+ * kc/vc: per layer the cache address of this call's slot 0 (see ek_decode_attention; slot NULL).
+ * work: at least n * (2 hidden + (h + 2 kv) d + h d + 3 inter) + (h / kv) * cap floats. */
+void ek_decode_step(void *gemm_fn, int64_t n, const int64_t *dims, const int64_t *tokens, const float *embed,
+                    const int64_t *lw, const float *final_norm, const float *lm_head, float eps,
+                    const float *cos_t, const float *sin_t, const int64_t *pos, const int64_t *kc,
+                    const int64_t *vc, int64_t cap, float *work, float *logits) {
+    ek_sgemm_t gemm = (ek_sgemm_t)gemm_fn;
+    int64_t hid = dims[0], nh = dims[1], nkv = dims[2], d = dims[3], inter = dims[4], vocab = dims[5];
+    int64_t layers = dims[6], wq = (nh + 2 * nkv) * d;
+    float *x = work, *h = x + n * hid, *qkv = h + n * hid, *att = qkv + n * wq, *gu = att + n * nh * d;
+    float *act = gu + n * 2 * inter, *scratch = act + n * inter;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int64_t r = 0; r < n; r++) memcpy(x + r * hid, embed + tokens[r] * hid, (size_t)hid * sizeof(float));
+    for (int64_t l = 0; l < layers; l++) {
+        const int64_t *w = lw + 8 * l;
+        ek_rmsnorm(x, (const float *)w[0], h, n, hid, eps);
+        if (w[2]) ek_rows_set_bias(qkv, (const float *)w[2], n, wq);
+        ek_linear(gemm, h, (const float *)w[1], qkv, n, wq, hid, w[2] ? 1.0f : 0.0f);
+        ek_decode_attention(qkv, n, nh, nkv, d, cos_t, sin_t, pos, NULL, (float *)kc[l], (float *)vc[l], cap,
+                            scale, att, scratch);
+        ek_linear(gemm, att, (const float *)w[3], x, n, hid, nh * d, 1.0f);
+        if (w[4]) ek_rows_add_bias(x, (const float *)w[4], n, hid);
+        ek_rmsnorm(x, (const float *)w[5], h, n, hid, eps);
+        ek_linear(gemm, h, (const float *)w[6], gu, n, 2 * inter, hid, 0.0f);
+        ek_silu_mul(gu, act, n, inter);
+        ek_linear(gemm, act, (const float *)w[7], x, n, hid, inter, 1.0f);
+    }
+    ek_rmsnorm(x, final_norm, h, n, hid, eps);
+    ek_linear(gemm, h, lm_head, logits, n, vocab, hid, 0.0f);
+}
