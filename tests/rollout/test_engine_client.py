@@ -211,7 +211,8 @@ def test_health_is_503_while_loading(served):
 def test_timeout_gives_clear_error(served):
     slow = served[0].client(timeout=0.05, max_retries=0)
     with pytest.raises(EngineError, match=r"no reply within 0\.1s \(timeout\)"):
-        slow.generate([[1] * 50], {"max_new_tokens": 2000, "ignore_eos": True})
+        # 200 sequences to the context limit: longer than 0.05 s even for the native engine
+        slow.generate([[1] * 50] * 200, {"max_new_tokens": 2000, "ignore_eos": True})
     served[0].client(timeout=30).abort(abort_all=True)  # not the 0.05 s client: a busy CPU may take longer
 
 
