@@ -45,7 +45,8 @@ class EngineKernels:
         lib.ek_silu_mul.argtypes = [_P, _P, _I, _I]
         lib.ek_decode_attention.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _F, _P, _P]
         lib.ek_sample.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
-        lib.ek_decode_step.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I, _P, _P]
+        lib.ek_decode_step.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I, _P, _P,
+                                       _P, _P, _P, _P, _P, _P]
         for f in (lib.ek_rmsnorm, lib.ek_silu_mul, lib.ek_decode_attention, lib.ek_sample, lib.ek_decode_step):
             f.restype = None
         self.sgemm = blas_sgemm_address()
@@ -158,6 +159,31 @@ def blas_sgemm_address() -> int | None:
         return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
+
+
+class SampleHead:
+    """A decode head that samples rows [r0, r1) into shared outputs: `tokens`/`logprobs` [B].
+
+    As a callable it runs `EngineKernels.sample` on a part's logits; the model's one-call decode
+    step recognises it and samples inside that call instead (no logits leave C).
+    """
+
+    def __init__(self, kernels: EngineKernels, temps: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor):
+        b = temps.shape[0]
+        _check("temps", temps)
+        _check("greedy", greedy, torch.uint8)
+        _check("uniforms", uniforms, torch.float64)
+        if greedy.shape != (b,) or uniforms.shape != (b,):
+            raise ValueError(f"SampleHead: temps/greedy/uniforms must each have {b} entries")
+        self.kernels, self.temps, self.greedy, self.uniforms = kernels, temps, greedy, uniforms
+        self.tokens = torch.empty(b, dtype=torch.int64)
+        self.logprobs = torch.empty(b, dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor, r0: int, r1: int) -> None:
+        t, lp = self.kernels.sample(logits.float().contiguous(), self.temps[r0:r1], self.greedy[r0:r1],
+                                    self.uniforms[r0:r1])
+        self.tokens[r0:r1] = t
+        self.logprobs[r0:r1] = lp
 
 
 _wrapped: dict[int, EngineKernels] = {}

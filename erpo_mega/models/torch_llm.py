@@ -567,8 +567,11 @@ class TorchLLM(nn.Module):
             self._check_native_step(cache, cache.capacity)
             self.__dict__["_native_checked"] = checked
 
+        sample = head if isinstance(head, engine_native.SampleHead) else None
+
         def part(r0: int, r1: int):
-            return head(self._decode_native(ek, lins, tokens[r0:r1], cache, r0, r1), r0, r1)
+            logits = self._decode_native(ek, lins, tokens[r0:r1], cache, r0, r1, sample)
+            return None if logits is None else head(logits, r0, r1)
 
         out = [part(0, b)] if self.row_workers is None else self.row_workers.run(part, b)
         cache.lens[:b] += 1
@@ -578,9 +581,14 @@ class TorchLLM(nn.Module):
         """Per layer (qkv, o, gate_up, down) prepared for the native step, then lm_head.
 
         Cached as a whole, keyed by every parameter's storage and version counter (what
-        `_decode_linear` keys each layer by), so a step pays one pass over the parameters.
+        `_decode_linear` keys each layer by), so a step pays one pass over the parameters. The
+        parameter list itself is kept until `clear_fused` (which `load_named_tensors` calls):
+        code that replaces a Parameter object must call it too.
         """
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        params = self.__dict__.get("_param_list")
+        if params is None:
+            params = self.__dict__["_param_list"] = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
         cached = self.__dict__.get("_decode_lins")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -599,11 +607,13 @@ class TorchLLM(nn.Module):
         lins.append(_decode_linear(self.lm_head, ()))
         return lins
 
-    def _decode_native(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int):
+    def _decode_native(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int,
+                       sample=None):
         """Logits [r1 - r0, V] for slots [r0, r1) (`_native_rows` over one token per slot, or the
-        whole step in one C call: `_decode_fused`). Does not advance `cache.lens`."""
+        whole step in one C call: `_decode_fused`, which also samples when given a `SampleHead`
+        and then returns None). Does not advance `cache.lens`."""
         if self._use_fused_step(ek, lins):
-            return self._decode_fused(ek, lins, tokens, cache, r0, r1)
+            return self._decode_fused(ek, lins, tokens, cache, r0, r1, sample)
         h = self._native_rows(ek, lins, tokens, cache, cache.lens.data_ptr() + 8 * r0, None,
                               r0 * cache.k[0][0].numel() * 4)
         return lins[-1](h)
@@ -617,15 +627,20 @@ class TorchLLM(nn.Module):
         return bool(self.fused_step) or all(lin.packed is None for layer in lins[:-1] for lin in layer) \
             and lins[-1].packed is None
 
-    def _decode_fused(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int):
-        """The decode step of slots [r0, r1) as one `ek_decode_step` call (GIL released throughout)."""
+    def _decode_fused(self, ek, lins: list, tokens: torch.Tensor, cache: SlotKVCache, r0: int, r1: int,
+                      sample=None):
+        """The decode step of slots [r0, r1) as one `ek_decode_step` call (GIL released throughout);
+        with a `SampleHead` the call also samples into its outputs and this returns None."""
         cfg = self.config
         n = r1 - r0
         hid, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
         inter, vocab = cfg.intermediate_size, lins[-1].w.shape[0]
-        if tokens.dtype != torch.int64 or not tokens.is_contiguous() or (n and int(tokens.max()) >= vocab) \
-                or (n and int(tokens.min()) < 0):
-            raise ValueError(f"decode tokens must be int64 ids in [0, {vocab})")
+        if tokens.dtype != torch.int64 or not tokens.is_contiguous():
+            raise ValueError("decode tokens must be a contiguous int64 tensor")
+        if n:
+            lo, hi = tokens.aminmax()
+            if int(lo) < 0 or int(hi) >= vocab:
+                raise ValueError(f"decode tokens must be ids in [0, {vocab})")
         key = (self._lins_serial, self._cache_key(cache), r0)
         tables = self.__dict__.setdefault("_fused_tables", {})
         if key not in tables:
@@ -633,15 +648,23 @@ class TorchLLM(nn.Module):
                 tables.clear()
             tables[key] = self._fused_tables_for(lins, cache, r0)
         dims, lw_t, kc, vc = tables[key]
-        work = torch.empty(n * (2 * hid + (nh + 2 * nkv) * d + nh * d + 3 * inter) + (nh // nkv) * cache.capacity)
-        logits = torch.empty(n, vocab)
+        main = n * (2 * hid + (nh + 2 * nkv) * d + nh * d + 3 * inter) + (nh // nkv) * cache.capacity
+        sampling = 0 if sample is None else 2 * vocab + vocab // 16 + 1
+        work = ek.scratch(main + sampling + n * vocab)   # per thread, reused step to step
+        logits = work[main + sampling: main + sampling + n * vocab].view(n, vocab)
         cos_t, sin_t = self._rope_table
+        if sample is None:
+            extra = (None,) * 6
+        else:
+            extra = (sample.temps.data_ptr() + 4 * r0, sample.greedy.data_ptr() + r0, sample.uniforms.data_ptr() + 8 * r0,
+                     sample.tokens.data_ptr() + 8 * r0, sample.logprobs.data_ptr() + 4 * r0,
+                     work.data_ptr() + 4 * main)
         ek.lib.ek_decode_step(ek.sgemm, n, dims.data_ptr(), tokens.data_ptr(), self.model.embed_tokens.weight.data_ptr(),
                               lw_t.data_ptr(), self.model.norm.weight.data_ptr(), lins[-1].w.data_ptr(),
                               self.model.norm.eps, cos_t.data_ptr(), sin_t.data_ptr(),
                               cache.lens.data_ptr() + 8 * r0, kc.data_ptr(), vc.data_ptr(), cache.capacity,
-                              work.data_ptr(), logits.data_ptr())
-        return logits
+                              work.data_ptr(), logits.data_ptr(), *extra)
+        return None if sample is not None else logits.clone()
 
     @staticmethod
     def _cache_key(cache: SlotKVCache) -> tuple:
@@ -777,7 +800,7 @@ class TorchLLM(nn.Module):
         for m in self.modules():
             m.__dict__.pop("_fused_cache", None)
             m.__dict__.pop("_decode_cache", None)
-        for name in ("_decode_lins", "_native_checked", "_fused_tables"):
+        for name in ("_decode_lins", "_native_checked", "_fused_tables", "_param_list"):
             self.__dict__.pop(name, None)
 
     def check_named_shapes(self, shapes: Iterable[tuple[str, tuple[int, ...]]]) -> None:

@@ -267,11 +267,15 @@ static void ek_rows_add_bias(float *y, const float *bias, int64_t rows, int64_t 
  *     o weight [hidden, h d], o bias (0: none), post norm, gate|up weight [2 inter, hidden],
  *     down weight [hidden, inter].
  * kc/vc: per layer the cache address of this call's slot 0 (see ek_decode_attention; slot NULL).
- * work: at least n * (2 hidden + (h + 2 kv) d + h d + 3 inter) + (h / kv) * cap floats. */
+ * work: at least n * (2 hidden + (h + 2 kv) d + h d + 3 inter) + (h / kv) * cap floats.
+ * sample_out != NULL: also draw each row's next token (ek_sample with temp/greedy/u, scratch
+ * sample_scratch) into sample_out (int64 tokens) and lp_out. */
 void ek_decode_step(void *gemm_fn, int64_t n, const int64_t *dims, const int64_t *tokens, const float *embed,
                     const int64_t *lw, const float *final_norm, const float *lm_head, float eps,
                     const float *cos_t, const float *sin_t, const int64_t *pos, const int64_t *kc,
-                    const int64_t *vc, int64_t cap, float *work, float *logits) {
+                    const int64_t *vc, int64_t cap, float *work, float *logits,
+                    const float *temp, const uint8_t *greedy, const double *u, int64_t *sample_out,
+                    float *lp_out, float *sample_scratch) {
     ek_sgemm_t gemm = (ek_sgemm_t)gemm_fn;
     int64_t hid = dims[0], nh = dims[1], nkv = dims[2], d = dims[3], inter = dims[4], vocab = dims[5];
     int64_t layers = dims[6], wq = (nh + 2 * nkv) * d;
@@ -295,4 +299,5 @@ void ek_decode_step(void *gemm_fn, int64_t n, const int64_t *dims, const int64_t
     }
     ek_rmsnorm(x, final_norm, h, n, hid, eps);
     ek_linear(gemm, h, lm_head, logits, n, vocab, hid, 0.0f);
+    if (sample_out) ek_sample(logits, n, vocab, temp, greedy, u, sample_out, lp_out, sample_scratch);
 }

@@ -169,13 +169,12 @@ class BatchRunner:
             greedy = [s.params.greedy for s in seqs]
             temps = torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)])
             u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(greedy, seqs)], dtype=torch.float64)
-            flags = torch.tensor(greedy, dtype=torch.uint8)
-            parts = self.model.decode_slots_rows(tokens, self.cache, lambda logits, r0, r1: ek.sample(
-                logits.float().contiguous(), temps[r0:r1], flags[r0:r1], u[r0:r1]))
-            drawn = torch.cat([p[0] for p in parts])
-            if bool((drawn < 0).any()):
+            head = engine_native.SampleHead(ek, temps, torch.tensor(greedy, dtype=torch.uint8), u)
+            self.model.decode_slots_rows(tokens, self.cache, head)
+            drawn = head.tokens.tolist()
+            if min(drawn) < 0:
                 raise RuntimeError("decode step produced no finite logit for a sequence (NaN or -inf logits)")
-            self._apply(seqs, drawn.tolist(), torch.cat([p[1] for p in parts]).tolist())
+            self._apply(seqs, drawn, head.logprobs.tolist())
             return self._collect()
         args = self._sampling_args(seqs)
 
