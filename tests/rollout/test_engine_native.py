@@ -208,3 +208,25 @@ def test_native_prefill_equals_torch_prefill(ek, model, monkeypatch):
         for slot, n in ((0, 6), (1, 2), (2, 4)):
             torch.testing.assert_close(ka[slot, :, :n], kb[slot, :, :n], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(va[slot, :, :n], vb[slot, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_min_new_tokens_switches_paths_mid_run(ek, model, monkeypatch):
+    """Rows banning their stop token until min_new_tokens take the torch sampler, then the native
+    one: outputs equal the all-torch run (the batch's reused step inputs stay in sync)."""
+    def make():
+        out = []
+        for i, p in enumerate([[5, 17, 33, 8], [9, 4], [60, 61, 62]] * 3):
+            sp = parse_sampling_params({"max_new_tokens": 12, "temperature": 0 if i % 2 else 0.9,
+                                        "min_new_tokens": 3 + i % 4})
+            out.append(Sequence(rid=f"m{i}", prompt_ids=p, params=sp, generator=torch.Generator().manual_seed(i),
+                                stop_ids={7, 11, 23, 42}, max_new_tokens=12))
+        return out
+
+    runs = {}
+    for mode in ("torch", "native"):
+        monkeypatch.setenv("ERPO_NATIVE", "0" if mode == "torch" else "1")
+        runs[mode] = make()
+        run_batch(model, runs[mode])
+    for a, b in zip(runs["native"], runs["torch"]):
+        assert a.output_ids == b.output_ids and a.finish_reason == b.finish_reason
+        assert len(a.output_ids) >= a.params.min_new_tokens

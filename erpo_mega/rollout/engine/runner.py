@@ -57,14 +57,18 @@ class Sequence:
             self._uniforms.reverse()
         return self._uniforms.pop()
 
-    def plain_sampling(self) -> bool:
-        """No logit edits (bias, penalties, bans now) and no top-k/top-p/min-p: the next token is
-        a plain temperature draw (or argmax), which the native sampler does for the whole batch."""
+    def plain_params(self) -> bool:
+        """No logit_bias, penalties or top-k/top-p/min-p (fixed for the sequence's life)."""
         static = self.__dict__.get("_plain")
         if static is None:
             sp = self.params
             static = self._plain = not sp.logit_bias and not _has_penalty(sp) and (sp.greedy or not _truncates(sp))
-        return static and (not self.stop_ids or len(self.output_ids) >= self.params.min_new_tokens)
+        return static
+
+    def plain_sampling(self) -> bool:
+        """No logit edits (bias, penalties, bans now) and no top-k/top-p/min-p: the next token is
+        a plain temperature draw (or argmax), which the native sampler does for the whole batch."""
+        return self.plain_params() and (not self.stop_ids or len(self.output_ids) >= self.params.min_new_tokens)
 
     def banned(self) -> list[int]:
         """min_new_tokens: stop tokens may not be drawn before that many tokens exist."""
@@ -107,6 +111,9 @@ class BatchRunner:
         self.model = model
         self.seqs: list[Sequence] = []
         self.cache: SlotKVCache | None = None
+        self._version = 0     # bumped whenever the running batch changes (join, leave)
+        self._plan = None     # per-batch sampling arguments of the native fast path
+        self._last = None     # (version, tokens drawn by the last step)
 
     @property
     def active(self) -> int:
@@ -152,6 +159,7 @@ class BatchRunner:
                     s.input_logprobs = _prompt_logprobs(plps, s)
         cache.active += len(new)
         self.seqs.extend(new)
+        self._version += 1
         self._sample(last[torch.tensor(row_of)], new)
         return done + self._collect()
 
@@ -162,20 +170,31 @@ class BatchRunner:
             return []
         device = self.model.lm_head.weight.device
         seqs = self.seqs
-        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=device)
         ek = engine_native.kernels() if device.type == "cpu" and not return_original_logprob() else None
-        if ek is not None and all(s.plain_sampling() for s in seqs):
-            # the per-row sampling arguments once, as tensors; each row part samples in place
-            greedy = [s.params.greedy for s in seqs]
-            temps = torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)])
-            u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(greedy, seqs)], dtype=torch.float64)
-            head = engine_native.SampleHead(ek, temps, torch.tensor(greedy, dtype=torch.uint8), u)
-            self.model.decode_slots_rows(tokens, self.cache, head)
-            drawn = head.tokens.tolist()
-            if min(drawn) < 0:
-                raise RuntimeError("decode step produced no finite logit for a sequence (NaN or -inf logits)")
-            self._apply(seqs, drawn, head.logprobs.tolist())
-            return self._collect()
+        if ek is not None:
+            # what depends only on who is in the batch is built when the batch changes
+            if self._plan is None or self._plan[0] != self._version:
+                greedy = [s.params.greedy for s in seqs]
+                self._plan = (self._version, all(s.plain_params() for s in seqs),
+                              [s for s in seqs if s.stop_ids and s.params.min_new_tokens],
+                              greedy, torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)]),
+                              torch.tensor(greedy, dtype=torch.uint8))
+            _, plain, pending_min, greedy, temps, flags = self._plan
+            if plain and all(s.plain_sampling() for s in pending_min):
+                # same batch as the last step: its drawn tokens are this step's inputs
+                tokens = self._last[1] if self._last is not None and self._last[0] == self._version else \
+                    torch.tensor([s.output_ids[-1] for s in seqs], device=device)
+                u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(greedy, seqs)], dtype=torch.float64)
+                head = engine_native.SampleHead(ek, temps, flags, u)
+                self.model.decode_slots_rows(tokens, self.cache, head)
+                drawn = head.tokens.tolist()
+                if min(drawn) < 0:
+                    raise RuntimeError("decode step produced no finite logit for a sequence (NaN or -inf logits)")
+                self._last = (self._version, head.tokens)
+                self._apply(seqs, drawn, head.logprobs.tolist())
+                return self._collect()
+        self._last = None
+        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=device)
         args = self._sampling_args(seqs)
 
         def head(logits: torch.Tensor, r0: int, r1: int):  # runs where rows [r0, r1) were computed
@@ -191,6 +210,7 @@ class BatchRunner:
         for s in out:
             s.finish_reason = s.finish_reason or reason
         self.seqs = []
+        self._version += 1
         if self.cache is not None:
             self.cache.clear()
         return out
@@ -219,6 +239,8 @@ class BatchRunner:
 
     def _collect(self) -> list[Sequence]:
         finished = [i for i, s in enumerate(self.seqs) if s.finish_reason is not None]
+        if finished:
+            self._version += 1
         out = [self.seqs[i] for i in finished]
         for i in reversed(finished):
             moved = self.cache.remove(i)
