@@ -11,7 +11,8 @@ The engine gets one batched `/generate` with log-probs on (what the trainer asks
 `generate()` runs in this process with the same torch thread count. Each side's best of
 `--repeat` timed runs after a warm-up. Two ratios: wall clock, and CPU seconds (the server
 process's user+system time from /proc, this process's for `generate()`), which a machine
-loaded by other jobs disturbs far less than wall clock.
+loaded by other jobs disturbs far less than wall clock. The two sides alternate run by run
+(the engine server idles while `generate()` runs), so drift in the machine's speed hits both.
 """
 
 from __future__ import annotations
@@ -60,42 +61,45 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def time_engine(client, prompts: list[list[int]], row: dict, repeat: int, pid: int) -> tuple[float, float]:
+def engine_runner(client, prompts: list[list[int]], row: dict, pid: int):
+    """A warmed-up callable: one timed batched /generate -> (wall s, server CPU s)."""
     body = {"input_ids": prompts, "return_logprob": True,
             "sampling_params": {"max_new_tokens": row["new"], "temperature": TEMPERATURE, "ignore_eos": True,
                                 "n": row["n"]}}
     client.generate_raw({**body, "input_ids": prompts[:2], "sampling_params": {**body["sampling_params"],
                                                                                "max_new_tokens": 4}})
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeat):
+
+    def once() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), process_cpu_seconds(pid)
         out = client.generate_raw(body)
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, process_cpu_seconds(pid) - c0)
+        wall, cpu = time.perf_counter() - t0, process_cpu_seconds(pid) - c0
         want = len(prompts) * row["n"]
         if len(out) != want or any(len(o["output_ids"]) != row["new"] or
                                    len(o["meta_info"]["output_token_logprobs"]) != row["new"] for o in out):
             raise RuntimeError(f"engine answered {len(out)} completions, expected {want} x {row['new']} tokens")
-    return best, best_cpu
+        return wall, cpu
+    return once
 
 
-@torch.no_grad()
-def time_generate(model, prompts: list[list[int]], row: dict, repeat: int) -> tuple[float, float]:
+def generate_runner(model, prompts: list[list[int]], row: dict):
+    """A warmed-up callable: one timed `generate()` -> (wall s, process CPU s)."""
     ids = torch.tensor(prompts)
     kw = dict(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=row["new"],
               min_new_tokens=row["new"], num_return_sequences=row["n"], pad_token_id=0,
               attention_mask=torch.ones_like(ids))
-    model.generate(ids[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4,
-                               "attention_mask": torch.ones_like(ids[:2])})
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeat):
+    with torch.no_grad():
+        model.generate(ids[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4,
+                                   "attention_mask": torch.ones_like(ids[:2])})
+
+    @torch.no_grad()
+    def once() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(ids, **kw)
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if out.shape != (len(prompts) * row["n"], PROMPT_LEN + row["new"]):
             raise RuntimeError(f"generate() returned shape {tuple(out.shape)}")
-    return best, best_cpu
+        return wall, cpu
+    return once
 
 
 def bench_row(name: str, row: dict, threads: int, repeat: int, workdir: Path) -> dict:
@@ -108,11 +112,15 @@ def bench_row(name: str, row: dict, threads: int, repeat: int, workdir: Path) ->
     handle = launch_embedded_server(path, port=free_port(), log_path=workdir / f"{name}.log", num_threads=threads,
                                     extra_args=["--skip-tokenizer-init", "--max-running-requests", "256"])
     try:
-        t_engine, c_engine = time_engine(handle.client(timeout=600, max_retries=0), prompts, row, repeat,
-                                         handle.process.pid)
+        # alternate the two sides, each best of `repeat`: a machine whose speed drifts during the
+        # run (shared VM) then disturbs both alike instead of whichever side ran second
+        engine = engine_runner(handle.client(timeout=600, max_retries=0), prompts, row, handle.process.pid)
+        hf = generate_runner(model, prompts, row)
+        times = [(engine(), hf()) for _ in range(repeat)]
     finally:
         handle.close()
-    t_hf, c_hf = time_generate(model, prompts, row, repeat)
+    t_engine, c_engine = min(e[0] for e, _ in times), min(e[1] for e, _ in times)
+    t_hf, c_hf = min(h[0] for _, h in times), min(h[1] for _, h in times)
     tokens = len(prompts) * row["n"] * row["new"]
     return {"row": name, "shape": f"{row['layers']}L h{row['hidden']} V{row['vocab']}",
             "requests": len(prompts) * row["n"], "new_tokens": row["new"],
