@@ -232,9 +232,10 @@ class Engine:
             if not sp.ignore_eos:
                 stop_ids |= self._eos_ids()
             rid = req.per_item("rid", i, None) or uuid.uuid4().hex
+            drawn = [] if sp.sampling_seed is not None else \
+                torch.randint(0, 2**62, (sp.n,), generator=self._seed_rng).tolist()  # one call per prompt
             for j in range(sp.n):
-                seed = sp.sampling_seed + j if sp.sampling_seed is not None else \
-                    int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+                seed = sp.sampling_seed + j if sp.sampling_seed is not None else drawn[j]
                 seqs.append(Sequence(
                     rid=rid if sp.n == 1 else f"{rid}-{j}", prompt_ids=prompt, params=sp,
                     generator=torch.Generator().manual_seed(seed), stop_ids=stop_ids,
@@ -289,7 +290,10 @@ class Engine:
         }
         if s.return_logprob:
             tok_text = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
-            meta["output_token_logprobs"] = [[lp, t, tok_text(t)] for lp, t in zip(s.output_logprobs, s.output_ids)]
+            if self.tokenizer is None:
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(s.output_logprobs, s.output_ids)]
+            else:
+                meta["output_token_logprobs"] = [[lp, t, tok_text(t)] for lp, t in zip(s.output_logprobs, s.output_ids)]
             if s.input_logprobs is not None:
                 start = s.logprob_start_len
                 meta["input_token_logprobs"] = [[lp, t, tok_text(t)] for lp, t in
