@@ -11,7 +11,6 @@ decides who joins). Each step:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +22,22 @@ from erpo_mega.rollout.engine.sampling import _has_penalty, _truncates, return_o
 from erpo_mega.rollout.protocol import SamplingParams
 
 _UNIFORM_CHUNK = 64
+
+
+class AbortFlag:
+    """`threading.Event`'s set/is_set without its lock and condition: one is made per sequence
+    (hundreds per request) and nobody waits on it; a bool store is atomic under the GIL."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass
@@ -43,7 +58,7 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: list[float | None] | None = None
     finish_reason: dict | None = None
-    abort: threading.Event = field(default_factory=threading.Event)
+    abort: AbortFlag = field(default_factory=lambda: AbortFlag())
     abort_message: str = "Aborted by request"
     weight_version: str | None = None        # the weights this completion was generated with
     on_finish: Callable[[Sequence], None] | None = None
