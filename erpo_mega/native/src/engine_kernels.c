@@ -21,11 +21,25 @@ typedef float ek_v4 __attribute__((vector_size(16)));
 static inline ek_v16 ek_ld(const float *p) { ek_v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void ek_st(float *p, ek_v16 v) { memcpy(p, &v, sizeof v); }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define EK_HAVE_SHUFFLE 1
+#endif
+#endif
+
 static inline float ek_hsum(ek_v16 v) {
+#ifdef EK_HAVE_SHUFFLE
     ek_v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     ek_v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
+#else  /* older compilers: the same pairwise tree through memory */
+    float a[16];
+    memcpy(a, &v, sizeof a);
+    for (int w = 8; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) a[j] += a[j + w];
+    return a[0];
+#endif
 }
 
 /* exp(x) in fp32, ~1-2 ulp, vectorisable: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2].
