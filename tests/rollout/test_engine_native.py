@@ -6,23 +6,40 @@ path (ERPO_NATIVE=0) and with its rows split over worker threads.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from erpo_mega.models import engine_native
 from erpo_mega.models.torch_llm import RowWorkers, TorchLLM, rope_cos_sin
+from erpo_mega.native import load_library, native_status
 from erpo_mega.rollout.engine.runner import BatchRunner, Sequence, run_batch
 from erpo_mega.rollout.protocol import parse_sampling_params
 from tests.rollout.helpers import save_tiny_model
 
 
-@pytest.fixture
-def ek():
+@pytest.fixture(params=["native", "no-avx512"])
+def ek(request):
+    """The kernels as the engine builds them, and (on x86 with AVX-512) a build without it, so the
+    generic vector code paths are checked too."""
     kernels = engine_native.kernels()
     if kernels is None:
         pytest.skip("native kernels unavailable here (no compiler or ERPO_NATIVE=0)")
-    return kernels
+    if request.param == "native":
+        return kernels
+    if "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("no AVX-512 here: the native build is already the generic one")
+    lib = load_library("engine_kernels", extra_cflags=("-mno-avx512f",))
+    assert lib is not None, native_status("engine_kernels")
+    return engine_native.EngineKernels(lib)
+
+
+@pytest.fixture
+def native_on():
+    """Model-level tests: the engine's own kernels must be there (they then compare paths)."""
+    if engine_native.kernels() is None:
+        pytest.skip("native kernels unavailable here (no compiler or ERPO_NATIVE=0)")
 
 
 def _rope64(x, cos, sin):
@@ -126,7 +143,7 @@ def _seqs(n_new=12, temperature=0.8):
                      max_new_tokens=n_new + i % 5) for i, p in enumerate(prompts)]
 
 
-def test_native_step_equals_torch_path_and_row_split(ek, model, monkeypatch):
+def test_native_step_equals_torch_path_and_row_split(native_on, model, monkeypatch):
     """Decode logits: native vs ERPO_NATIVE=0 vs native with rows over 3 threads; then whole runs
     (greedy tokens equal, seeded sampling equal up to the kernels' rounding)."""
     prompts = [[5, 17, 33, 8], [9, 4, 4, 4, 4, 4], [60, 61, 62], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -189,7 +206,7 @@ def test_unsupported_inputs_are_clear_errors(ek):
         ek.sample(x, torch.ones(4), torch.zeros(4, dtype=torch.uint8), torch.zeros(4))
 
 
-def test_native_prefill_equals_torch_prefill(ek, model, monkeypatch):
+def test_native_prefill_equals_torch_prefill(native_on, model, monkeypatch):
     """Prompts as flat token rows (slot per row) give the torch path's hidden states and cache."""
     ids = torch.tensor([[5, 17, 33, 8, 0, 0], [9, 4, 4, 4, 4, 4], [60, 61, 0, 0, 0, 0]])
     lengths, slots = torch.tensor([4, 6, 2]), torch.tensor([2, 0, 1])
@@ -210,7 +227,7 @@ def test_native_prefill_equals_torch_prefill(ek, model, monkeypatch):
             torch.testing.assert_close(va[slot, :, :n], vb[slot, :, :n], atol=1e-5, rtol=1e-5)
 
 
-def test_min_new_tokens_switches_paths_mid_run(ek, model, monkeypatch):
+def test_min_new_tokens_switches_paths_mid_run(native_on, model, monkeypatch):
     """Rows banning their stop token until min_new_tokens take the torch sampler, then the native
     one: outputs equal the all-torch run (the batch's reused step inputs stay in sync)."""
     def make():
