@@ -47,8 +47,10 @@ class EngineKernels:
         lib.ek_sample.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
         lib.ek_decode_step.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I, _P, _P,
                                        _P, _P, _P, _P, _P, _P]
+        lib.ek_decode_steps.argtypes = [_I, _I] + lib.ek_decode_step.argtypes
         for f in (lib.ek_rmsnorm, lib.ek_silu_mul, lib.ek_decode_attention, lib.ek_sample, lib.ek_decode_step):
             f.restype = None
+        lib.ek_decode_steps.restype = _I
         self.sgemm = blas_sgemm_address()
         self._local = threading.local()
 
@@ -165,7 +167,8 @@ class SampleHead:
     """A decode head that samples rows [r0, r1) into shared outputs: `tokens`/`logprobs` [B].
 
     As a callable it runs `EngineKernels.sample` on a part's logits; the model's one-call decode
-    step recognises it and samples inside that call instead (no logits leave C).
+    step recognises it and samples inside that call instead (no logits leave C). With uniforms
+    [K, B] it is a K-step head (`TorchLLM.decode_slots_steps`): outputs [K, B], step by step.
     """
 
     def __init__(self, kernels: EngineKernels, temps: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor):
@@ -173,13 +176,16 @@ class SampleHead:
         _check("temps", temps)
         _check("greedy", greedy, torch.uint8)
         _check("uniforms", uniforms, torch.float64)
-        if greedy.shape != (b,) or uniforms.shape != (b,):
-            raise ValueError(f"SampleHead: temps/greedy/uniforms must each have {b} entries")
+        if greedy.shape != (b,) or uniforms.shape[-1:] != (b,) or uniforms.dim() > 2 or uniforms.numel() == 0:
+            raise ValueError(f"SampleHead: temps/greedy must have {b} entries, uniforms [{b}] or [steps, {b}]")
         self.kernels, self.temps, self.greedy, self.uniforms = kernels, temps, greedy, uniforms
-        self.tokens = torch.empty(b, dtype=torch.int64)
-        self.logprobs = torch.empty(b, dtype=torch.float32)
+        self.steps = uniforms.shape[0] if uniforms.dim() == 2 else 1
+        self.tokens = torch.empty(uniforms.shape, dtype=torch.int64)
+        self.logprobs = torch.empty(uniforms.shape, dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor, r0: int, r1: int) -> None:
+        if self.steps != 1 or self.uniforms.dim() != 1:
+            raise ValueError("a multi-step SampleHead runs only inside the one-call decode step")
         t, lp = self.kernels.sample(logits.float().contiguous(), self.temps[r0:r1], self.greedy[r0:r1],
                                     self.uniforms[r0:r1])
         self.tokens[r0:r1] = t

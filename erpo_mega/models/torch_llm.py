@@ -577,6 +577,40 @@ class TorchLLM(nn.Module):
         cache.lens[:b] += 1
         return out
 
+    def decode_slots_steps(self, tokens: torch.Tensor, cache: SlotKVCache, head: engine_native.SampleHead) -> None:
+        """`head.steps` decode steps of every slot, each row part in one native call (the one-call
+        step, sampling into the [steps, B] head: step k's drawn tokens are step k+1's inputs);
+        advances `cache.lens` by `head.steps`. Only where `multi_step_ready()`."""
+        b = tokens.shape[0]
+        if not self.multi_step_ready():
+            raise RuntimeError("decode_slots_steps needs the native one-call decode step")
+        if b == 0 or head.uniforms.dim() != 2 or head.uniforms.shape[1] != b:
+            raise ValueError(f"decode_slots_steps: head uniforms must be [steps, {b}]")
+        ek, lins = self._native_kernels(), self._decode_linears()
+        width = int(cache.lens[:b].max()) + head.steps
+        if width > cache.capacity:
+            raise ValueError(f"KV cache overflow: {width} slots needed, capacity {cache.capacity}")
+        self._rope(cache.lens[:1])
+        checked = (self._lins_serial, self._cache_key(cache))
+        if self.__dict__.get("_native_checked") != checked:
+            self._check_native_step(cache, cache.capacity)
+            self.__dict__["_native_checked"] = checked
+
+        def part(r0: int, r1: int):
+            self._decode_fused(ek, lins, tokens[r0:r1], cache, r0, r1, head)
+
+        if self.row_workers is None:
+            part(0, b)
+        else:
+            self.row_workers.run(part, b)
+
+    def multi_step_ready(self) -> bool:
+        """Whether `decode_slots_steps` runs here (native kernels, the one-call step in use)."""
+        if self.lm_head.weight.device.type != "cpu":
+            return False
+        ek = self._native_kernels()
+        return ek is not None and self._use_fused_step(ek, self._decode_linears())
+
     def _decode_linears(self) -> list:
         """Per layer (qkv, o, gate_up, down) prepared for the native step, then lm_head.
 
@@ -659,11 +693,16 @@ class TorchLLM(nn.Module):
             extra = (sample.temps.data_ptr() + 4 * r0, sample.greedy.data_ptr() + r0, sample.uniforms.data_ptr() + 8 * r0,
                      sample.tokens.data_ptr() + 8 * r0, sample.logprobs.data_ptr() + 4 * r0,
                      work.data_ptr() + 4 * main)
-        ek.lib.ek_decode_step(ek.sgemm, n, dims.data_ptr(), tokens.data_ptr(), self.model.embed_tokens.weight.data_ptr(),
-                              lw_t.data_ptr(), self.model.norm.weight.data_ptr(), lins[-1].w.data_ptr(),
-                              self.model.norm.eps, cos_t.data_ptr(), sin_t.data_ptr(),
-                              cache.lens.data_ptr() + 8 * r0, kc.data_ptr(), vc.data_ptr(), cache.capacity,
-                              work.data_ptr(), logits.data_ptr(), *extra)
+        args = (ek.sgemm, n, dims.data_ptr(), tokens.data_ptr(), self.model.embed_tokens.weight.data_ptr(),
+                lw_t.data_ptr(), self.model.norm.weight.data_ptr(), lins[-1].w.data_ptr(),
+                self.model.norm.eps, cos_t.data_ptr(), sin_t.data_ptr(),
+                cache.lens.data_ptr() + 8 * r0, kc.data_ptr(), vc.data_ptr(), cache.capacity,
+                work.data_ptr(), logits.data_ptr(), *extra)
+        if sample is not None and sample.uniforms.dim() == 2:  # K steps, advances cache.lens itself
+            if ek.lib.ek_decode_steps(sample.steps, sample.uniforms.shape[1], *args) != sample.steps:
+                raise RuntimeError("decode step produced no finite logit for a sequence (NaN or -inf logits)")
+        else:
+            ek.lib.ek_decode_step(*args)
         return None if sample is not None else logits.clone()
 
     @staticmethod

@@ -131,11 +131,11 @@ def load_library(name: str, *, source: str | Path | None = None,
     cflags = (*BASE_CFLAGS, *extra_cflags)
     key = (name, cflags)
     with _lock:
-        if key in _loaded:
-            return _loaded[key]
-        if mode == "off":
+        if mode == "off":  # checked first: ERPO_NATIVE=0 set after a load still disables the kernels
             _status[name] = "disabled by ERPO_NATIVE=0"
             return None
+        if key in _loaded:
+            return _loaded[key]
         src = Path(source) if source is not None else SRC_DIR / f"{name}.c"
         try:
             if not src.is_file():

@@ -161,9 +161,9 @@ def test_one_request_with_large_n_respects_max_running_requests(tmp_path, monkey
     peak = []
 
     class Recording(engine_mod.BatchRunner):
-        def step(self):
+        def step(self, max_steps=1):
             peak.append(self.active)
-            return super().step()
+            return super().step(max_steps)
 
     monkeypatch.setattr(engine_mod, "BatchRunner", Recording)
     save_tiny_model(tmp_path, "qwen2", seed=2)

@@ -91,6 +91,61 @@ def test_sequences_joining_and_leaving_equal_each_alone(models):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_multi_step_windows_equal_single_steps(models, kernel_path):
+    """`step(max_steps=8)` (several decode steps per native call, over two row workers) gives the
+    tokens and log-probs of single steps, also where a stop token ends a sequence inside a window
+    and where length limits end them at different steps; greedy rows also equal transformers."""
+    from erpo_mega.models.torch_llm import RowWorkers
+
+    hf, ours = models
+    lengths = [20, 3, 30, 9, 13, 1, 17, 26]
+
+    def make(stop=None):
+        out = [seq([5 + i, 17, 33, 2 * i + 1], 300 + i, n_new=n, temperature=0 if i < 2 else 0.8)
+               for i, n in enumerate(lengths)]
+        if stop is not None:
+            out[2].stop_ids = {stop}
+        return out
+
+    def run(seqs, max_steps, workers=None):
+        runner = BatchRunner(ours)
+        ours.row_workers = workers
+        windows = []
+        orig = ours.decode_slots_steps
+        ours.decode_slots_steps = lambda tokens, cache, head: (windows.append(head.steps), orig(tokens, cache, head))
+        try:
+            runner.admit(seqs)
+            while runner.active:
+                runner.step(max_steps)
+        finally:
+            ours.row_workers = None
+            del ours.decode_slots_steps
+        return windows
+
+    base = make()
+    run(base, 1)
+    stop = base[2].output_ids[6]                 # a token sequence 2 draws mid-run
+    single, multi = make(stop), make(stop)
+    assert run(single, 1) == []
+    windows = run(multi, 8, RowWorkers(2))
+    if kernel_path == "native":
+        assert max(windows) > 2 and sum(windows) >= 20  # windows did run (2 first, then up to 8)
+    else:
+        assert windows == []                     # the torch path has no windows
+    first = base[2].output_ids.index(stop)
+    assert multi[2].output_ids == base[2].output_ids[: first + 1]
+    assert multi[2].finish_reason == {"type": "stop", "matched": stop}
+    for a, b in zip(single, multi):
+        assert b.output_ids == a.output_ids and b.finish_reason == a.finish_reason
+        torch.testing.assert_close(torch.tensor(b.output_logprobs), torch.tensor(a.output_logprobs),
+                                   atol=1e-5, rtol=1e-5)
+    for s in multi[:2]:                          # greedy rows: transformers' argmax
+        p = s.prompt_ids
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([p + s.output_ids])).logits[0, len(p) - 1:-1]
+        assert s.output_ids == logits.argmax(-1).tolist()
+
+
 def test_removing_a_slot_moves_only_the_last_one(models):
     _, ours = models
     runner = BatchRunner(ours)

@@ -315,3 +315,32 @@ void ek_decode_step(void *gemm_fn, int64_t n, const int64_t *dims, const int64_t
     ek_linear(gemm, h, lm_head, logits, n, vocab, hid, 0.0f);
     if (sample_out) ek_sample(logits, n, vocab, temp, greedy, u, sample_out, lp_out, sample_scratch);
 }
+
+/* `steps` decode steps of the same n rows in one call (the runner's multi-step decode: no stop
+ * can fire inside the window, so Python is needed only once per window, not per token). Step k
+ * reads the tokens step k-1 drew, row r's uniform u[k * stride + r], writes its token and
+ * log-prob to sample_out / lp_out[k * stride + r] (stride: the whole batch's row count, so the
+ * row parts of several threads share one [steps, stride] output), and advances pos[r] by one
+ * (the caller's cache lengths). Other arguments as ek_decode_step (sampling required).
+ * Returns the steps done: fewer than `steps` when a row drew no token (-1: no finite logit),
+ * which must not be embedded as the next input. */
+int64_t ek_decode_steps(int64_t steps, int64_t stride, void *gemm_fn, int64_t n, const int64_t *dims,
+                     const int64_t *tokens, const float *embed, const int64_t *lw, const float *final_norm,
+                     const float *lm_head, float eps, const float *cos_t, const float *sin_t, int64_t *pos,
+                     const int64_t *kc, const int64_t *vc, int64_t cap, float *work, float *logits,
+                     const float *temp, const uint8_t *greedy, const double *u, int64_t *sample_out,
+                     float *lp_out, float *sample_scratch) {
+    for (int64_t k = 0; k < steps; k++) {
+        const int64_t *in = k ? sample_out + (k - 1) * stride : tokens;
+        ek_decode_step(gemm_fn, n, dims, in, embed, lw, final_norm, lm_head, eps, cos_t, sin_t, pos, kc, vc, cap,
+                       work, logits, temp, greedy, u + k * stride, sample_out + k * stride, lp_out + k * stride,
+                       sample_scratch);
+        int64_t bad = 0;
+        for (int64_t r = 0; r < n; r++) {
+            pos[r]++;
+            bad |= sample_out[k * stride + r] < 0;
+        }
+        if (bad) return k + 1;
+    }
+    return steps;
+}

@@ -110,6 +110,7 @@ class Engine:
         self.dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
                       "float16": torch.float16}[dtype]
         self.max_batch_size = max_batch_size
+        self.decode_window = 8  # most decode steps per runner call when no request waits (BatchRunner.step)
         self.skip_tokenizer_init = skip_tokenizer_init
         self.enable_memory_saver = enable_memory_saver
         self.model: TorchLLM | None = None
@@ -326,7 +327,8 @@ class Engine:
                 for s in admit:
                     s.weight_version = self.weight_version
                 finished = runner.admit(admit)
-                finished += runner.step()
+                # with nobody waiting to join, a few decode steps may run in one native call
+                finished += runner.step(1 if self._queue else self.decode_window)
             except BaseException as e:  # surfaced to every affected request as HTTP 500
                 log.exception("generation step failed")
                 affected = {id(s): s for s in [*runner.abort_all({"type": "abort", "message": str(e)}), *admit]}

@@ -179,8 +179,15 @@ class BatchRunner:
         return done + self._collect()
 
     @torch.no_grad()
-    def step(self) -> list[Sequence]:
-        """One decode step for every running sequence; returns those that finished."""
+    def step(self, max_steps: int = 1) -> list[Sequence]:
+        """One decode step for every running sequence; returns those that finished.
+
+        `max_steps` > 1 (the engine passes it when no request waits to join) allows a window of
+        up to that many steps in one native call per row part, where none can end a sequence
+        in the middle except a stop token (then its later tokens are dropped: rows are
+        independent, so the others' tokens are exactly those of single steps). The window is
+        also bounded by `WINDOW_S` of estimated step time, so aborts and weight updates still
+        act within a few milliseconds."""
         if not self.seqs:
             return []
         device = self.model.lm_head.weight.device
@@ -194,11 +201,14 @@ class BatchRunner:
                               [s for s in seqs if s.stop_ids and s.params.min_new_tokens],
                               greedy, torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)]),
                               torch.tensor(greedy, dtype=torch.uint8))
-            _, plain, pending_min, greedy, temps, flags = self._plan
+            _, plain, pending_min, greedy, temps, flags = self._plan[:6]
             if plain and all(s.plain_sampling() for s in pending_min):
                 # same batch as the last step: its drawn tokens are this step's inputs
                 tokens = self._last[1] if self._last is not None and self._last[0] == self._version else \
                     torch.tensor([s.output_ids[-1] for s in seqs], device=device)
+                k = self._window(seqs, max_steps) if max_steps > 1 and self._plan_window() else 1
+                if k > 1:
+                    return self._steps(ek, seqs, tokens, k, greedy, temps, flags)
                 u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(greedy, seqs)], dtype=torch.float64)
                 head = engine_native.SampleHead(ek, temps, flags, u)
                 self.model.decode_slots_rows(tokens, self.cache, head)
@@ -218,6 +228,56 @@ class BatchRunner:
         parts = self.model.decode_slots_rows(tokens, self.cache, head)
         self._apply(seqs, [t for p in parts for t in p[0]], [lp for p in parts for lp in p[1]])
         return self._collect()
+
+    WINDOW_S = 0.02  # a multi-step window's estimated length at most (latency for aborts, updates)
+
+    def _plan_window(self) -> bool:
+        """Multi-step windows for this batch: the one-call native step, no stop strings (they
+        need the text after every token). Cached with the batch plan."""
+        plan = self._plan
+        if len(plan) == 6:
+            ok = not any(s.stop_strings for s in self.seqs) and self.model.multi_step_ready()
+            plan = self._plan = (*plan, ok)
+        return plan[6]
+
+    def _window(self, seqs: list[Sequence], max_steps: int) -> int:
+        """Steps until the first sequence reaches its length limit, at most `max_steps` and
+        `WINDOW_S` at the last measured per-step time."""
+        room = min(s.max_new_tokens - len(s.output_ids) for s in seqs)
+        per_step = self.__dict__.get("_step_s")
+        cap = min(2, max_steps) if per_step is None else max(1, min(max_steps, int(self.WINDOW_S / per_step)))
+        return max(1, min(room, cap))
+
+    def _steps(self, ek, seqs: list[Sequence], tokens: torch.Tensor, k: int, greedy: list[bool],
+               temps: torch.Tensor, flags: torch.Tensor) -> list[Sequence]:
+        """A window of k steps (see `step`): each sequence's k uniforms drawn in order from its
+        own generator, as k single steps would."""
+        import time
+
+        zeros = [0.0] * k
+        u = torch.tensor([zeros if g else [s.next_uniform() for _ in range(k)] for g, s in zip(greedy, seqs)],
+                         dtype=torch.float64).t().contiguous()
+        head = engine_native.SampleHead(ek, temps, flags, u)
+        t0 = time.perf_counter()
+        self.model.decode_slots_steps(tokens, self.cache, head)
+        self._step_s = (time.perf_counter() - t0) / k
+        self._last = (self._version, head.tokens[k - 1])
+        self._apply_steps(seqs, head.tokens.t().tolist(), head.logprobs.t().tolist())
+        return self._collect()
+
+    @staticmethod
+    def _apply_steps(seqs: list[Sequence], tokens: list[list[int]], lps: list[list[float]]) -> None:
+        """`_apply` for a window: a sequence keeps its tokens up to its first stop token."""
+        for s, ts, ls in zip(seqs, tokens, lps):
+            if s.stop_ids and not s.stop_ids.isdisjoint(ts):
+                j = next(j for j, t in enumerate(ts) if t in s.stop_ids)
+                del ts[j + 1:], ls[j + 1:]
+            s.output_ids += ts
+            s.output_logprobs += ls
+            t = ts[-1]
+            if t in s.stop_ids or len(s.output_ids) >= s.max_new_tokens or s.abort.is_set():
+                s.check_stop(t)
+                s.check_abort()
 
     def abort_all(self, reason: dict) -> list[Sequence]:
         """Drop every running sequence (after a failed step); returns them."""
