@@ -51,6 +51,8 @@ class EngineKernels:
         for f in (lib.ek_rmsnorm, lib.ek_silu_mul, lib.ek_decode_attention, lib.ek_sample, lib.ek_decode_step):
             f.restype = None
         lib.ek_decode_steps.restype = _I
+        lib.ek_prefill_rows.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P]
+        lib.ek_prefill_rows.restype = None
         self.sgemm = blas_sgemm_address()
         self._local = threading.local()
 

@@ -776,9 +776,49 @@ class TorchLLM(nn.Module):
         valid = torch.arange(s)[None, :] < lengths[:, None]
         pos = torch.arange(s).expand(b, s)[valid].contiguous()
         slot_rows = slots[:, None].expand(b, s)[valid].contiguous()
-        flat = self._native_rows(ek, lins, input_ids[valid], cache, pos.data_ptr(), slot_rows, 0)
+        if self._use_fused_step(ek, lins):
+            flat = self._prefill_fused(ek, lins, input_ids[valid].contiguous(), pos, slot_rows, cache)
+        else:
+            flat = self._native_rows(ek, lins, input_ids[valid], cache, pos.data_ptr(), slot_rows, 0)
         out = flat.new_zeros(b, s, flat.shape[1])
         out[valid] = flat
+        return out
+
+    PREFILL_CHUNK = 64  # token rows per pass through the model in `_prefill_fused` (activations in L2)
+
+    def _prefill_fused(self, ek, lins: list, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                       cache: SlotKVCache) -> torch.Tensor:
+        """Flat prompt token rows (int64 tokens/pos/slots, one slot's rows in increasing positions)
+        through the whole model in one `ek_prefill_rows` call, `PREFILL_CHUNK` rows at a time
+        (the one-call decode step's kernels and tables); the final normed hidden states [n, H]."""
+        cfg = self.config
+        n = tokens.shape[0]
+        hid, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
+        for name, t in (("tokens", tokens), ("pos", pos), ("slots", slots)):
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (n,):
+                raise ValueError(f"prefill {name} must be a contiguous int64 tensor of {n} entries")
+        out = torch.empty(n, hid)
+        if n == 0:
+            return out
+        lo, hi = tokens.aminmax()
+        if int(lo) < 0 or int(hi) >= self.model.embed_tokens.weight.shape[0]:
+            raise ValueError(f"prefill tokens must be ids in [0, {self.model.embed_tokens.weight.shape[0]})")
+        key = (self._lins_serial, self._cache_key(cache), 0)
+        tables = self.__dict__.setdefault("_fused_tables", {})
+        if key not in tables:
+            if len(tables) > 64:
+                tables.clear()
+            tables[key] = self._fused_tables_for(lins, cache, 0)
+        dims, lw_t, kc, vc = tables[key]
+        chunk = min(n, self.PREFILL_CHUNK)
+        work = ek.scratch(chunk * (2 * hid + (nh + 2 * nkv) * d + nh * d + 3 * cfg.intermediate_size)
+                          + (nh // nkv) * cache.capacity)
+        cos_t, sin_t = self._rope_table
+        ek.lib.ek_prefill_rows(ek.sgemm, n, chunk, dims.data_ptr(), tokens.data_ptr(),
+                               self.model.embed_tokens.weight.data_ptr(), lw_t.data_ptr(),
+                               self.model.norm.weight.data_ptr(), self.model.norm.eps, cos_t.data_ptr(),
+                               sin_t.data_ptr(), pos.data_ptr(), slots.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+                               cache.capacity, work.data_ptr(), out.data_ptr())
         return out
 
     def _check_native_step(self, cache: SlotKVCache, width: int) -> None:

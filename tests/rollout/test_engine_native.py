@@ -206,8 +206,15 @@ def test_unsupported_inputs_are_clear_errors(ek):
         ek.sample(x, torch.ones(4), torch.zeros(4, dtype=torch.uint8), torch.zeros(4))
 
 
-def test_native_prefill_equals_torch_prefill(native_on, model, monkeypatch):
-    """Prompts as flat token rows (slot per row) give the torch path's hidden states and cache."""
+@pytest.mark.parametrize("chunk", [64, 5, None])
+def test_native_prefill_equals_torch_prefill(native_on, model, monkeypatch, chunk):
+    """Prompts as flat token rows (slot per row) give the torch path's hidden states and cache:
+    one `ek_prefill_rows` call (12 rows in one chunk, or in chunks of 5 that split prompts, whose
+    later chunks attend to keys an earlier chunk wrote) and the per-op path (chunk None)."""
+    if chunk is None:
+        monkeypatch.setattr(model, "fused_step", False)
+    else:
+        monkeypatch.setattr(model, "PREFILL_CHUNK", chunk)
     ids = torch.tensor([[5, 17, 33, 8, 0, 0], [9, 4, 4, 4, 4, 4], [60, 61, 0, 0, 0, 0]])
     lengths, slots = torch.tensor([4, 6, 2]), torch.tensor([2, 0, 1])
     out = {}

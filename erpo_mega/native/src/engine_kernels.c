@@ -275,6 +275,37 @@ static void ek_rows_add_bias(float *y, const float *bias, int64_t rows, int64_t 
         for (int64_t i = 0; i < n; i++) y[r * n + i] += bias[i];
 }
 
+/* Embedding -> layers -> final norm for n token rows (slot NULL: row r in slot r, else slot[r]);
+ * returns the normed hidden states [n, hidden] inside work (layout in ek_decode_step). */
+static const float *ek_stack(void *gemm_fn, int64_t n, const int64_t *dims, const int64_t *tokens,
+                             const float *embed, const int64_t *lw, const float *final_norm, float eps,
+                             const float *cos_t, const float *sin_t, const int64_t *pos, const int64_t *slot,
+                             const int64_t *kc, const int64_t *vc, int64_t cap, float *work) {
+    ek_sgemm_t gemm = (ek_sgemm_t)gemm_fn;
+    int64_t hid = dims[0], nh = dims[1], nkv = dims[2], d = dims[3], inter = dims[4];
+    int64_t layers = dims[6], wq = (nh + 2 * nkv) * d;
+    float *x = work, *h = x + n * hid, *qkv = h + n * hid, *att = qkv + n * wq, *gu = att + n * nh * d;
+    float *act = gu + n * 2 * inter, *scratch = act + n * inter;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int64_t r = 0; r < n; r++) memcpy(x + r * hid, embed + tokens[r] * hid, (size_t)hid * sizeof(float));
+    for (int64_t l = 0; l < layers; l++) {
+        const int64_t *w = lw + 8 * l;
+        ek_rmsnorm(x, (const float *)w[0], h, n, hid, eps);
+        if (w[2]) ek_rows_set_bias(qkv, (const float *)w[2], n, wq);
+        ek_linear(gemm, h, (const float *)w[1], qkv, n, wq, hid, w[2] ? 1.0f : 0.0f);
+        ek_decode_attention(qkv, n, nh, nkv, d, cos_t, sin_t, pos, slot, (float *)kc[l], (float *)vc[l], cap,
+                            scale, att, scratch);
+        ek_linear(gemm, att, (const float *)w[3], x, n, hid, nh * d, 1.0f);
+        if (w[4]) ek_rows_add_bias(x, (const float *)w[4], n, hid);
+        ek_rmsnorm(x, (const float *)w[5], h, n, hid, eps);
+        ek_linear(gemm, h, (const float *)w[6], gu, n, 2 * inter, hid, 0.0f);
+        ek_silu_mul(gu, act, n, inter);
+        ek_linear(gemm, act, (const float *)w[7], x, n, hid, inter, 1.0f);
+    }
+    ek_rmsnorm(x, final_norm, h, n, hid, eps);
+    return h;
+}
+
 /* Logits [n, vocab] for n token rows (embedding -> layers -> final norm -> lm_head).
  * dims: hidden, heads, kv heads, head dim, intermediate, vocab, layers.
  * lw: per layer 8 addresses: input norm, qkv weight [(h + 2 kv) d, hidden], qkv bias (0: none),
@@ -290,30 +321,29 @@ void ek_decode_step(void *gemm_fn, int64_t n, const int64_t *dims, const int64_t
                     const int64_t *vc, int64_t cap, float *work, float *logits,
                     const float *temp, const uint8_t *greedy, const double *u, int64_t *sample_out,
                     float *lp_out, float *sample_scratch) {
-    ek_sgemm_t gemm = (ek_sgemm_t)gemm_fn;
-    int64_t hid = dims[0], nh = dims[1], nkv = dims[2], d = dims[3], inter = dims[4], vocab = dims[5];
-    int64_t layers = dims[6], wq = (nh + 2 * nkv) * d;
-    float *x = work, *h = x + n * hid, *qkv = h + n * hid, *att = qkv + n * wq, *gu = att + n * nh * d;
-    float *act = gu + n * 2 * inter, *scratch = act + n * inter;
-    float scale = 1.0f / sqrtf((float)d);
-    for (int64_t r = 0; r < n; r++) memcpy(x + r * hid, embed + tokens[r] * hid, (size_t)hid * sizeof(float));
-    for (int64_t l = 0; l < layers; l++) {
-        const int64_t *w = lw + 8 * l;
-        ek_rmsnorm(x, (const float *)w[0], h, n, hid, eps);
-        if (w[2]) ek_rows_set_bias(qkv, (const float *)w[2], n, wq);
-        ek_linear(gemm, h, (const float *)w[1], qkv, n, wq, hid, w[2] ? 1.0f : 0.0f);
-        ek_decode_attention(qkv, n, nh, nkv, d, cos_t, sin_t, pos, NULL, (float *)kc[l], (float *)vc[l], cap,
-                            scale, att, scratch);
-        ek_linear(gemm, att, (const float *)w[3], x, n, hid, nh * d, 1.0f);
-        if (w[4]) ek_rows_add_bias(x, (const float *)w[4], n, hid);
-        ek_rmsnorm(x, (const float *)w[5], h, n, hid, eps);
-        ek_linear(gemm, h, (const float *)w[6], gu, n, 2 * inter, hid, 0.0f);
-        ek_silu_mul(gu, act, n, inter);
-        ek_linear(gemm, act, (const float *)w[7], x, n, hid, inter, 1.0f);
-    }
-    ek_rmsnorm(x, final_norm, h, n, hid, eps);
-    ek_linear(gemm, h, lm_head, logits, n, vocab, hid, 0.0f);
+    const float *h = ek_stack(gemm_fn, n, dims, tokens, embed, lw, final_norm, eps, cos_t, sin_t, pos, NULL, kc, vc,
+                              cap, work);
+    int64_t vocab = dims[5];
+    ek_linear((ek_sgemm_t)gemm_fn, h, lm_head, logits, n, vocab, dims[0], 0.0f);
     if (sample_out) ek_sample(logits, n, vocab, temp, greedy, u, sample_out, lp_out, sample_scratch);
+}
+
+/* Prompt tokens as n flat rows (row r: token tokens[r] at position pos[r] of slot slot[r]; the
+ * rows of one slot in increasing positions) through the whole model in chunks of `chunk` rows
+ * (activations stay in L2; a chunk's keys/values are in the cache before the next chunk attends
+ * to them); the final normed hidden states into out [n, hidden]. kc/vc: per layer the cache
+ * address of slot 0. work: as ek_decode_step for `chunk` rows. */
+void ek_prefill_rows(void *gemm_fn, int64_t n, int64_t chunk, const int64_t *dims, const int64_t *tokens,
+                     const float *embed, const int64_t *lw, const float *final_norm, float eps, const float *cos_t,
+                     const float *sin_t, const int64_t *pos, const int64_t *slot, const int64_t *kc,
+                     const int64_t *vc, int64_t cap, float *work, float *out) {
+    int64_t hid = dims[0];
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        int64_t m = n - r0 < chunk ? n - r0 : chunk;
+        const float *h = ek_stack(gemm_fn, m, dims, tokens + r0, embed, lw, final_norm, eps, cos_t, sin_t, pos + r0,
+                                  slot + r0, kc, vc, cap, work);
+        memcpy(out + r0 * hid, h, (size_t)(m * hid) * sizeof(float));
+    }
 }
 
 /* `steps` decode steps of the same n rows in one call (the runner's multi-step decode: no stop
