@@ -65,6 +65,23 @@ def test_generate_request_shapes():
         parse(UpdateWeightsFromDistributedReqInput, {"names": ["a"], "dtypes": [], "shapes": [[1]]}, "x")
 
 
+@pytest.mark.parametrize("ids", [[[5, True]], [[5, "a"]], [[5], 3], [1.5], [[1], [2.0]], [[[1]]], "12"])
+def test_generate_input_ids_of_wrong_types_are_refused(ids):
+    """The fast check of plain int ids refuses (via the generic path) what is not ints."""
+    with pytest.raises(ProtocolError, match="input_ids"):
+        parse(GenerateReqInput, {"input_ids": ids}, "generate")
+
+
+def test_generate_input_ids_kept_as_sent():
+    ids = [[5] * 12 for _ in range(4)]
+    req = parse(GenerateReqInput, {"input_ids": ids, "sampling_params": {"n": 2}}, "generate")
+    assert req.input_ids == ids and req.batch_size == 4 and req.sampling_params == {"n": 2}
+    with pytest.raises(ProtocolError, match="exactly one of 'text' or 'input_ids'"):
+        parse(GenerateReqInput, {"input_ids": ids, "text": ["a"] * 4}, "generate")
+    with pytest.raises(ProtocolError, match="return_logprob"):
+        parse(GenerateReqInput, {"input_ids": ids, "return_logprob": "yes"}, "generate")
+
+
 def test_generate_output_from_sglang_json():
     item = {"text": "", "output_ids": [4, 5],
             "meta_info": {"finish_reason": {"type": "stop", "matched": 5}, "weight_version": "7",
