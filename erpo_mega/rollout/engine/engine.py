@@ -110,7 +110,7 @@ class Engine:
         self.dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
                       "float16": torch.float16}[dtype]
         self.max_batch_size = max_batch_size
-        self.decode_window = 8  # most decode steps per runner call when no request waits (BatchRunner.step)
+        self.decode_window = 16  # most decode steps per runner call when no request waits (BatchRunner.step)
         self.skip_tokenizer_init = skip_tokenizer_init
         self.enable_memory_saver = enable_memory_saver
         self.model: TorchLLM | None = None
