@@ -369,6 +369,14 @@ def _decode_linear(module: nn.Module, names: tuple[str, ...]) -> _DecodeLinear:
     return cached[1]
 
 
+def _check_token_ids(tokens: torch.Tensor, vocab: int, what: str) -> None:
+    """Token ids the C stack will index the embedding with must lie in [0, vocab)."""
+    if tokens.numel():
+        lo, hi = tokens.aminmax()
+        if int(lo) < 0 or int(hi) >= vocab:
+            raise ValueError(f"{what} tokens must be ids in [0, {vocab})")
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -562,10 +570,7 @@ class TorchLLM(nn.Module):
             raise ValueError(f"KV cache overflow: {width} slots needed, capacity {cache.capacity}")
         self._rope(cache.lens[:1])  # builds the table once, before any worker reads it
         lins = self._decode_linears()
-        checked = (self._lins_serial, self._cache_key(cache))
-        if self.__dict__.get("_native_checked") != checked:  # cache/weights changed since the last check
-            self._check_native_step(cache, cache.capacity)
-            self.__dict__["_native_checked"] = checked
+        self._check_native_step_once(cache)
 
         sample = head if isinstance(head, engine_native.SampleHead) else None
 
@@ -591,10 +596,7 @@ class TorchLLM(nn.Module):
         if width > cache.capacity:
             raise ValueError(f"KV cache overflow: {width} slots needed, capacity {cache.capacity}")
         self._rope(cache.lens[:1])
-        checked = (self._lins_serial, self._cache_key(cache))
-        if self.__dict__.get("_native_checked") != checked:
-            self._check_native_step(cache, cache.capacity)
-            self.__dict__["_native_checked"] = checked
+        self._check_native_step_once(cache)
 
         def part(r0: int, r1: int):
             self._decode_fused(ek, lins, tokens[r0:r1], cache, r0, r1, head)
@@ -665,24 +667,13 @@ class TorchLLM(nn.Module):
                       sample=None):
         """The decode step of slots [r0, r1) as one `ek_decode_step` call (GIL released throughout);
         with a `SampleHead` the call also samples into its outputs and this returns None."""
-        cfg = self.config
         n = r1 - r0
-        hid, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
-        inter, vocab = cfg.intermediate_size, lins[-1].w.shape[0]
+        vocab = lins[-1].w.shape[0]
         if tokens.dtype != torch.int64 or not tokens.is_contiguous():
             raise ValueError("decode tokens must be a contiguous int64 tensor")
-        if n:
-            lo, hi = tokens.aminmax()
-            if int(lo) < 0 or int(hi) >= vocab:
-                raise ValueError(f"decode tokens must be ids in [0, {vocab})")
-        key = (self._lins_serial, self._cache_key(cache), r0)
-        tables = self.__dict__.setdefault("_fused_tables", {})
-        if key not in tables:
-            if len(tables) > 64:
-                tables.clear()
-            tables[key] = self._fused_tables_for(lins, cache, r0)
-        dims, lw_t, kc, vc = tables[key]
-        main = n * (2 * hid + (nh + 2 * nkv) * d + nh * d + 3 * inter) + (nh // nkv) * cache.capacity
+        _check_token_ids(tokens, vocab, "decode")
+        dims, lw_t, kc, vc = self._cached_fused_tables(lins, cache, r0)
+        main = self._stack_work_floats(n, cache)
         sampling = 0 if sample is None else 2 * vocab + vocab // 16 + 1
         work = ek.scratch(main + sampling + n * vocab)   # per thread, reused step to step
         logits = work[main + sampling: main + sampling + n * vocab].view(n, vocab)
@@ -704,6 +695,31 @@ class TorchLLM(nn.Module):
         else:
             ek.lib.ek_decode_step(*args)
         return None if sample is not None else logits.clone()
+
+    def _check_native_step_once(self, cache: SlotKVCache) -> None:
+        """`_check_native_step` at full capacity, again only when the cache or the weights changed."""
+        checked = (self._lins_serial, self._cache_key(cache))
+        if self.__dict__.get("_native_checked") != checked:
+            self._check_native_step(cache, cache.capacity)
+            self.__dict__["_native_checked"] = checked
+
+    def _cached_fused_tables(self, lins: list, cache: SlotKVCache, r0: int) -> tuple:
+        """`_fused_tables_for`, cached per weights, cache tensors and first row (at most 65 kept)."""
+        key = (self._lins_serial, self._cache_key(cache), r0)
+        tables = self.__dict__.setdefault("_fused_tables", {})
+        if key not in tables:
+            if len(tables) > 64:
+                tables.clear()
+            tables[key] = self._fused_tables_for(lins, cache, r0)
+        return tables[key]
+
+    def _stack_work_floats(self, rows: int, cache: SlotKVCache) -> int:
+        """fp32 work space the C layer stack needs for `rows` token rows (activations of every
+        projection, plus one attention score row per query head of a KV group over the cache)."""
+        cfg = self.config
+        nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
+        return (rows * (2 * cfg.hidden_size + (nh + 2 * nkv) * d + nh * d + 3 * cfg.intermediate_size)
+                + (nh // nkv) * cache.capacity)
 
     @staticmethod
     def _cache_key(cache: SlotKVCache) -> tuple:
@@ -791,28 +807,17 @@ class TorchLLM(nn.Module):
         """Flat prompt token rows (int64 tokens/pos/slots, one slot's rows in increasing positions)
         through the whole model in one `ek_prefill_rows` call, `PREFILL_CHUNK` rows at a time
         (the one-call decode step's kernels and tables); the final normed hidden states [n, H]."""
-        cfg = self.config
         n = tokens.shape[0]
-        hid, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
         for name, t in (("tokens", tokens), ("pos", pos), ("slots", slots)):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (n,):
                 raise ValueError(f"prefill {name} must be a contiguous int64 tensor of {n} entries")
-        out = torch.empty(n, hid)
+        out = torch.empty(n, self.config.hidden_size)
         if n == 0:
             return out
-        lo, hi = tokens.aminmax()
-        if int(lo) < 0 or int(hi) >= self.model.embed_tokens.weight.shape[0]:
-            raise ValueError(f"prefill tokens must be ids in [0, {self.model.embed_tokens.weight.shape[0]})")
-        key = (self._lins_serial, self._cache_key(cache), 0)
-        tables = self.__dict__.setdefault("_fused_tables", {})
-        if key not in tables:
-            if len(tables) > 64:
-                tables.clear()
-            tables[key] = self._fused_tables_for(lins, cache, 0)
-        dims, lw_t, kc, vc = tables[key]
+        _check_token_ids(tokens, self.model.embed_tokens.weight.shape[0], "prefill")
+        dims, lw_t, kc, vc = self._cached_fused_tables(lins, cache, 0)
         chunk = min(n, self.PREFILL_CHUNK)
-        work = ek.scratch(chunk * (2 * hid + (nh + 2 * nkv) * d + nh * d + 3 * cfg.intermediate_size)
-                          + (nh // nkv) * cache.capacity)
+        work = ek.scratch(self._stack_work_floats(chunk, cache))
         cos_t, sin_t = self._rope_table
         ek.lib.ek_prefill_rows(ek.sgemm, n, chunk, dims.data_ptr(), tokens.data_ptr(),
                                self.model.embed_tokens.weight.data_ptr(), lw_t.data_ptr(),
