@@ -18,7 +18,13 @@ import torch
 
 from erpo_mega.models import engine_native
 from erpo_mega.models.torch_llm import SlotKVCache, TorchLLM
-from erpo_mega.rollout.engine.sampling import _has_penalty, _truncates, return_original_logprob, sample_batch
+from erpo_mega.rollout.engine.sampling import (
+    has_penalty,
+    return_original_logprob,
+    row_temperatures,
+    sample_batch,
+    truncates,
+)
 from erpo_mega.rollout.protocol import SamplingParams
 
 _UNIFORM_CHUNK = 64
@@ -77,13 +83,21 @@ class Sequence:
         static = self.__dict__.get("_plain")
         if static is None:
             sp = self.params
-            static = self._plain = not sp.logit_bias and not _has_penalty(sp) and (sp.greedy or not _truncates(sp))
+            static = self._plain = not sp.logit_bias and not has_penalty(sp) and (sp.greedy or not truncates(sp))
         return static
 
     def plain_sampling(self) -> bool:
         """No logit edits (bias, penalties, bans now) and no top-k/top-p/min-p: the next token is
         a plain temperature draw (or argmax), which the native sampler does for the whole batch."""
         return self.plain_params() and (not self.stop_ids or len(self.output_ids) >= self.params.min_new_tokens)
+
+    def check_finished(self, t: int) -> None:
+        """`check_stop` and `check_abort` after `t` was appended, run only where one can fire
+        (this is called per token and sequence)."""
+        if t in self.stop_ids or self.stop_strings or len(self.output_ids) >= self.max_new_tokens \
+                or self.abort.is_set():
+            self.check_stop(t)
+            self.check_abort()
 
     def banned(self) -> list[int]:
         """min_new_tokens: stop tokens may not be drawn before that many tokens exist."""
@@ -119,6 +133,19 @@ class Sequence:
         return len(self.prompt_ids) + self.max_new_tokens
 
 
+@dataclass
+class _BatchPlan:
+    """What the native fast path needs that changes only when the running batch does."""
+
+    version: int                 # BatchRunner._version it was built for
+    plain: bool                  # every sequence's params are plain (`Sequence.plain_params`)
+    pending_min: list[Sequence]  # those whose min_new_tokens may still ban their stop tokens
+    greedy: list[bool]
+    temps: torch.Tensor          # fp32 [B], 1 for greedy rows
+    flags: torch.Tensor          # greedy as uint8 [B]
+    window: bool | None = None   # multi-step windows allowed (decided on first need)
+
+
 class BatchRunner:
     """The running batch: `seqs[i]` owns slot i of the cache. Not thread-safe (one worker)."""
 
@@ -127,7 +154,7 @@ class BatchRunner:
         self.seqs: list[Sequence] = []
         self.cache: SlotKVCache | None = None
         self._version = 0     # bumped whenever the running batch changes (join, leave)
-        self._plan = None     # per-batch sampling arguments of the native fast path
+        self._plan: _BatchPlan | None = None  # per-batch sampling arguments of the native fast path
         self._last = None     # (version, tokens drawn by the last step)
 
     @property
@@ -195,22 +222,23 @@ class BatchRunner:
         ek = engine_native.kernels() if device.type == "cpu" and not return_original_logprob() else None
         if ek is not None:
             # what depends only on who is in the batch is built when the batch changes
-            if self._plan is None or self._plan[0] != self._version:
+            plan = self._plan
+            if plan is None or plan.version != self._version:
                 greedy = [s.params.greedy for s in seqs]
-                self._plan = (self._version, all(s.plain_params() for s in seqs),
-                              [s for s in seqs if s.stop_ids and s.params.min_new_tokens],
-                              greedy, torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)]),
-                              torch.tensor(greedy, dtype=torch.uint8))
-            _, plain, pending_min, greedy, temps, flags = self._plan[:6]
-            if plain and all(s.plain_sampling() for s in pending_min):
+                plan = self._plan = _BatchPlan(
+                    self._version, all(s.plain_params() for s in seqs),
+                    [s for s in seqs if s.stop_ids and s.params.min_new_tokens], greedy,
+                    row_temperatures([s.params for s in seqs], greedy), torch.tensor(greedy, dtype=torch.uint8))
+            if plan.plain and all(s.plain_sampling() for s in plan.pending_min):
                 # same batch as the last step: its drawn tokens are this step's inputs
                 tokens = self._last[1] if self._last is not None and self._last[0] == self._version else \
                     torch.tensor([s.output_ids[-1] for s in seqs], device=device)
                 k = self._window(seqs, max_steps) if max_steps > 1 and self._plan_window() else 1
                 if k > 1:
-                    return self._steps(ek, seqs, tokens, k, greedy, temps, flags)
-                u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(greedy, seqs)], dtype=torch.float64)
-                head = engine_native.SampleHead(ek, temps, flags, u)
+                    return self._steps(ek, seqs, tokens, k, plan)
+                u = torch.tensor([0.0 if g else s.next_uniform() for g, s in zip(plan.greedy, seqs)],
+                                 dtype=torch.float64)
+                head = engine_native.SampleHead(ek, plan.temps, plan.flags, u)
                 self.model.decode_slots_rows(tokens, self.cache, head)
                 drawn = head.tokens.tolist()
                 if min(drawn) < 0:
@@ -235,10 +263,9 @@ class BatchRunner:
         """Multi-step windows for this batch: the one-call native step, no stop strings (they
         need the text after every token). Cached with the batch plan."""
         plan = self._plan
-        if len(plan) == 6:
-            ok = not any(s.stop_strings for s in self.seqs) and self.model.multi_step_ready()
-            plan = self._plan = (*plan, ok)
-        return plan[6]
+        if plan.window is None:
+            plan.window = not any(s.stop_strings for s in self.seqs) and self.model.multi_step_ready()
+        return plan.window
 
     def _window(self, seqs: list[Sequence], max_steps: int) -> int:
         """Steps until the first sequence reaches its length limit, at most `max_steps` and
@@ -248,16 +275,15 @@ class BatchRunner:
         cap = min(2, max_steps) if per_step is None else max(1, min(max_steps, int(self.WINDOW_S / per_step)))
         return max(1, min(room, cap))
 
-    def _steps(self, ek, seqs: list[Sequence], tokens: torch.Tensor, k: int, greedy: list[bool],
-               temps: torch.Tensor, flags: torch.Tensor) -> list[Sequence]:
+    def _steps(self, ek, seqs: list[Sequence], tokens: torch.Tensor, k: int, plan: _BatchPlan) -> list[Sequence]:
         """A window of k steps (see `step`): each sequence's k uniforms drawn in order from its
         own generator, as k single steps would."""
         import time
 
         zeros = [0.0] * k
-        u = torch.tensor([zeros if g else [s.next_uniform() for _ in range(k)] for g, s in zip(greedy, seqs)],
+        u = torch.tensor([zeros if g else [s.next_uniform() for _ in range(k)] for g, s in zip(plan.greedy, seqs)],
                          dtype=torch.float64).t().contiguous()
-        head = engine_native.SampleHead(ek, temps, flags, u)
+        head = engine_native.SampleHead(ek, plan.temps, plan.flags, u)
         t0 = time.perf_counter()
         self.model.decode_slots_steps(tokens, self.cache, head)
         self._step_s = (time.perf_counter() - t0) / k
@@ -274,10 +300,7 @@ class BatchRunner:
                 del ts[j + 1:], ls[j + 1:]
             s.output_ids += ts
             s.output_logprobs += ls
-            t = ts[-1]
-            if t in s.stop_ids or len(s.output_ids) >= s.max_new_tokens or s.abort.is_set():
-                s.check_stop(t)
-                s.check_abort()
+            s.check_finished(ts[-1])
 
     def abort_all(self, reason: dict) -> list[Sequence]:
         """Drop every running sequence (after a failed step); returns them."""
@@ -307,10 +330,7 @@ class BatchRunner:
         for s, t, lp in zip(seqs, tokens, lps):
             s.output_ids.append(t)
             s.output_logprobs.append(lp)
-            # the full checks only where one can fire (this loop runs per token and sequence)
-            if t in s.stop_ids or s.stop_strings or len(s.output_ids) >= s.max_new_tokens or s.abort.is_set():
-                s.check_stop(t)
-                s.check_abort()
+            s.check_finished(t)
 
     def _collect(self) -> list[Sequence]:
         finished = [i for i, s in enumerate(self.seqs) if s.finish_reason is not None]

@@ -33,12 +33,18 @@ def return_original_logprob() -> bool:
     return os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes")
 
 
-def _has_penalty(sp: SamplingParams) -> bool:
+def has_penalty(sp: SamplingParams) -> bool:
     return bool(sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0)
 
 
-def _truncates(sp: SamplingParams) -> bool:
+def truncates(sp: SamplingParams) -> bool:
     return sp.top_k != -1 or sp.top_p < 1.0 or sp.min_p > 0.0
+
+
+def row_temperatures(params: list[SamplingParams], greedy: list[bool],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B]: each row's temperature, 1 for greedy rows (their log-probs are the unscaled ones)."""
+    return torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, params)], dtype=dtype)
 
 
 def adjust_batch(raw: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
@@ -48,7 +54,7 @@ def adjust_batch(raw: torch.Tensor, params: list[SamplingParams], history: list[
     raw [B, V]; returns raw itself when no row needs an edit (the common RL case).
     """
     bias_rows = [i for i, sp in enumerate(params) if sp.logit_bias]
-    pen_rows = [i for i, sp in enumerate(params) if history[i] and _has_penalty(sp)]
+    pen_rows = [i for i, sp in enumerate(params) if history[i] and has_penalty(sp)]
     ban_rows = [i for i, b in enumerate(banned) if b]
     if not (bias_rows or pen_rows or ban_rows):
         return raw
@@ -135,14 +141,13 @@ def sample_batch(raw: torch.Tensor, params: list[SamplingParams], uniforms: list
     fast = _sample_native(logits, params, greedy, uniforms)
     if fast is not None:
         return fast
-    temps = torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, params)],
-                         dtype=logits.dtype)[:, None]
+    temps = row_temperatures(params, greedy, logits.dtype)[:, None]
     scaled = logits / temps
     scaled_lps = torch.log_softmax(scaled, -1)   # the log-probs returned, and exp() of it the probs
     tokens = torch.empty(b, dtype=torch.long)
     g_rows = [i for i in range(b) if greedy[i]]
-    plain = [i for i in range(b) if not greedy[i] and not _truncates(params[i])]
-    trunc = [i for i in range(b) if not greedy[i] and _truncates(params[i])]
+    plain = [i for i in range(b) if not greedy[i] and not truncates(params[i])]
+    trunc = [i for i in range(b) if not greedy[i] and truncates(params[i])]
     u = torch.tensor(uniforms, dtype=torch.float64)
     if len(g_rows) == b:
         tokens = logits.argmax(-1)
@@ -168,14 +173,13 @@ def _sample_native(logits: torch.Tensor, params: list[SamplingParams], greedy: l
     log-probs are the scaled ones; None: the torch path below decides (also for a row with no
     finite logit, whose outcome the torch path defines)."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or return_original_logprob() \
-            or any(not g and _truncates(sp) for g, sp in zip(greedy, params)):
+            or any(not g and truncates(sp) for g, sp in zip(greedy, params)):
         return None
     ek = engine_native.kernels()
     if ek is None:
         return None
-    temps = torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, params)], dtype=torch.float32)
-    tokens, lps = ek.sample(logits.contiguous(), temps, torch.tensor(greedy, dtype=torch.uint8),
-                            torch.tensor(uniforms, dtype=torch.float64))
+    tokens, lps = ek.sample(logits.contiguous(), row_temperatures(params, greedy),
+                            torch.tensor(greedy, dtype=torch.uint8), torch.tensor(uniforms, dtype=torch.float64))
     out = tokens.tolist()
     if min(out, default=0) < 0:
         return None
