@@ -18,16 +18,13 @@ import threading
 
 import torch
 
+from erpo_mega.native import address as _ptr
 from erpo_mega.native import load_library
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _F = ctypes.c_float
 MAX_HEAD_DIM = 1024  # the attention kernel keeps one rotated query on its stack
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:

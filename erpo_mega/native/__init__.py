@@ -121,6 +121,12 @@ def _build(name: str, source: Path, cflags: tuple[str, ...]) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
+def address(t, first: int = 0) -> ctypes.c_void_p:
+    """Address of element `first` along dim 0 of a CPU tensor, as a kernel pointer argument (no
+    bounds check: callers check dtype, device and layout, and size their calls)."""
+    return ctypes.c_void_p(t.data_ptr() + first * t.stride(0) * t.element_size() if first else t.data_ptr())
+
+
 def load_library(name: str, *, source: str | Path | None = None,
                  extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled library ``name`` (``src/<name>.c`` unless ``source`` is given), or ``None``.

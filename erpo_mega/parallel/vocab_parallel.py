@@ -50,6 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from erpo_mega.native import address as _ptr
+
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 """Working-memory budget per chunk on accelerators (two fp32 `[chunk, V/TP]` buffers): few, large
 chunks, since every elementwise step is a kernel launch there."""
@@ -216,12 +218,11 @@ _pool: ThreadPoolExecutor | None = None
 def _native_kernels() -> ctypes.CDLL | None:
     """`erpo_mega/native/src/logprob_entropy.c` built and typed, or None (then the torch path runs).
 
-    `ERPO_NATIVE=0` is honoured at every call, so tests can compare both paths in one process.
+    `ERPO_NATIVE=0` is honoured at every call (`load_library` checks it first), so tests can
+    compare both paths in one process.
     """
-    from erpo_mega.native import load_library, native_mode
+    from erpo_mega.native import load_library
 
-    if native_mode() == "off":
-        return None
     lib = load_library("logprob_entropy", extra_cflags=_NATIVE_CFLAGS)
     if lib is None:
         return None
@@ -243,11 +244,6 @@ def _native_for(flat: torch.Tensor) -> ctypes.CDLL | None:
     if flat.device.type != "cpu" or flat.dtype != torch.float32 or (flat.shape[1] > 1 and flat.stride(1) != 1):
         return None
     return _native_kernels()
-
-
-def _ptr(t: torch.Tensor, first: int = 0) -> ctypes.c_void_p:
-    """Address of element `first` along dim 0 of a CPU tensor (no bounds check: callers size the calls)."""
-    return ctypes.c_void_p(t.data_ptr() + first * t.stride(0) * t.element_size())
 
 
 def _over_rows(fn, n: int, vs: int) -> None:
